@@ -1,0 +1,218 @@
+"""The one ViT shared by every objective, built from timm's blocks.
+
+Shape legend used in comments: B batch, N patch tokens, K kept patch tokens (MAE), D width, H x W crop size.
+
+The layout follows DINOv2's ``DinoVisionTransformer`` (patch embed, CLS token, learned absolute position embedding
+over 1 + grid, a learned ``mask_token`` for iBOT, pre-norm blocks, final LayerNorm), with timm's ``Block``,
+``GluMlp`` (SwiGLU) and ``Mlp`` (GELU) doing the work. Presets live in :mod:`lit_webssl.presets`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.layers import GluMlp, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+FFN = Literal["mlp", "swiglu"]
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """DINOv2's SwiGLU hidden width: ``(int(ratio * dim * 2 / 3) + 7) // 8 * 8`` (keeps params ~ a GELU MLP)."""
+    return (int(mlp_ratio * dim * 2 / 3) + 7) // 8 * 8
+
+
+def _swiglu_layer(mlp_ratio: float):
+    """A timm ``mlp_layer`` factory building DINOv2's fused SwiGLU (``w12`` packed, gate first) via ``GluMlp``."""
+
+    def build(in_features: int, hidden_features: int | None = None, **kwargs) -> nn.Module:
+        hidden = swiglu_hidden(in_features, mlp_ratio)
+        kwargs.pop("act_layer", None)
+        kwargs.pop("norm_layer", None)
+        return GluMlp(in_features, hidden_features=2 * hidden, act_layer=nn.SiLU, gate_last=False, **kwargs)
+
+    return build
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding ``(grid_h * grid_w, dim)``, as in the MAE reference (no CLS row)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for pos in (xs.reshape(-1), ys.reshape(-1)):  # MAE: first half encodes w, second half h
+        out = pos[:, None] * omega[None, :]
+        parts += [out.sin(), out.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with the Web-SSL layout; returns a fixed dict of named tokens.
+
+    Args:
+        img_size: Native crop size; sizes the learned position-embedding grid (any multiple of the patch size
+            runs, the grid is interpolated on the fly).
+        patch_size: Patch side in pixels (14 for the Web-SSL family, 16 for ViT-L MAE).
+        embed_dim: Width D.
+        depth: Number of blocks.
+        num_heads: Attention heads (D must be divisible by it).
+        mlp_ratio: MLP hidden width as a multiple of D (the SwiGLU hidden width follows DINOv2's 2/3 rule).
+        ffn: ``"swiglu"`` (Web-DINO) or ``"mlp"`` (GELU; Web-MAE, CLIP).
+        layerscale: LayerScale init value (1e-5 for Web-DINO), ``None`` for no LayerScale.
+        qkv_bias: Bias in the qkv projection.
+        drop_path_rate: Stochastic depth rate.
+        drop_path_uniform: Same drop-path rate in every block (DINOv2) instead of linearly increasing.
+        pos_embed: ``"learned"`` (DINOv2, trunc-normal init) or ``"sincos"`` (fixed 2-D sin-cos, MAE).
+        weight_init: ``"trunc_normal"`` (DINOv2: std 0.02) or ``"xavier"`` (MAE reference).
+        grad_checkpointing: Recompute each block in the backward pass (activation checkpointing).
+        in_chans: Input channels.
+        device: Device to build on (``"meta"`` builds without memory).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        ffn: FFN = "mlp",
+        layerscale: float | None = None,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        pos_embed: Literal["learned", "sincos"] = "learned",
+        weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal",
+        grad_checkpointing: bool = False,
+        in_chans: int = 3,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_img_size(img_size, patch_size, flag="--model.backbone.img_size")
+        if embed_dim % num_heads:
+            raise ValueError(f"--model.backbone.embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.depth = depth
+        self.num_prefix_tokens = 1
+        self.pos_embed_kind = pos_embed
+        self.weight_init = weight_init
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, strict_img_size=False, device=device
+        )
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, device=device))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, device=device))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + grid * grid, embed_dim, device=device), requires_grad=pos_embed == "learned"
+        )
+        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        mlp_layer = _swiglu_layer(mlp_ratio) if ffn == "swiglu" else Mlp
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=layerscale,
+                drop_path=rates[i], norm_layer=norm, mlp_layer=mlp_layer, device=device,
+            )
+            for i in range(depth)
+        )
+        self.norm = norm(embed_dim, device=device)
+        if device is None or torch.device(device).type != "meta":
+            self.init_weights()
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the native patch grid stored in ``pos_embed``."""
+        return math.isqrt(self.pos_embed.shape[1] - self.num_prefix_tokens)
+
+    def init_weights(self) -> None:
+        """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init."""
+        if self.pos_embed_kind == "sincos":
+            with torch.no_grad():
+                self.pos_embed[0, 1:].copy_(sincos_pos_embed(self.embed_dim, self.grid_size, self.grid_size))
+                self.pos_embed[0, :1].zero_()
+        else:
+            trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.mask_token)
+        if self.weight_init == "xavier":
+            nn.init.normal_(self.cls_token, std=0.02)
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        else:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(self._init_module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            if self.weight_init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def pos_embed_for(self, grid_h: int, grid_w: int) -> Tensor:
+        """Position embedding ``(1, 1 + grid_h * grid_w, D)`` for a patch grid, interpolated if not native."""
+        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
+            return self.pos_embed
+        if self.pos_embed_kind == "sincos":
+            patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w).to(self.pos_embed)
+            return torch.cat([self.pos_embed[:, :1], patch[None]], dim=1)
+        return resample_abs_pos_embed(
+            self.pos_embed, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens, antialias=False
+        )
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None, keep_idx: Tensor | None = None) -> Tensor:
+        """Patchify, apply mask tokens, add positions, keep a subset (MAE), prepend CLS: ``(B, 1 + N|K, D)``."""
+        _, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"crop size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        tokens = self.patch_embed(x)  # B N D
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        pos = self.pos_embed_for(h // self.patch_size, w // self.patch_size)
+        tokens = tokens + pos[:, 1:]
+        if keep_idx is not None:
+            tokens = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # B K D
+        cls = (self.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward(self, x: Tensor, masks: Tensor | None = None, keep_idx: Tensor | None = None) -> dict[str, Tensor]:
+        """Encode a batch of crops.
+
+        Args:
+            x: Images ``(B, 3, H, W)``, H and W multiples of the patch size.
+            masks: Optional bool ``(B, N)``; True patches are replaced by the learned mask token (iBOT).
+            keep_idx: Optional int64 ``(B, K)`` indices of the patches the encoder sees (MAE).
+
+        Returns:
+            ``x_norm_clstoken`` ``(B, D)``, ``x_norm_patchtokens`` ``(B, N|K, D)``, ``x_prenorm`` ``(B, 1+N|K, D)``.
+        """
+        tokens = self.prepare_tokens(x, masks, keep_idx)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
+        normed = self.norm(tokens)
+        return {"x_norm_clstoken": normed[:, 0], "x_norm_patchtokens": normed[:, 1:], "x_prenorm": tokens}
+
+
+def check_img_size(size: int, patch_size: int, flag: str) -> None:
+    """Raise a one-line error naming ``flag`` when ``size`` is not a positive multiple of ``patch_size``."""
+    if size <= 0 or size % patch_size:
+        raise ValueError(f"{flag}={size} is not divisible by the patch size {patch_size}")

@@ -1,0 +1,129 @@
+"""Command line: ``python -m lit_webssl {fit,validate,plan,data}`` on LightningCLI (jsonargparse).
+
+``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
+``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_webssl.module import LitWebSSL
+
+RUNS_DIR = "runs"
+
+_LOGGERS = [
+    {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
+    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
+]
+_CALLBACKS = [
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+     "init_args": {"save_last": True, "every_n_train_steps": 1000, "save_top_k": -1}},
+]
+
+
+class WebSSLCLI(LightningCLI):
+    """LightningCLI with the project's defaults: loggers, checkpoints, progress bar, one run directory per run.
+
+    Every run writes to ``<save_dir>/<name>/version_<n>/`` (TensorBoard, CSV, resolved ``config.yaml``, probe
+    metrics); checkpoints go to ``<save_dir>/<name>/checkpoints/`` so ``fit --ckpt_path last`` finds the newest one
+    across versions.
+    """
+
+    def __init__(self, *args: Any, plan: bool = False, **kwargs: Any) -> None:
+        self._plan = plan
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=str | None, default=None,
+            help="Name of the run: logs go to <save_dir>/<run_name>/version_<n>, checkpoints to "
+            "<save_dir>/<run_name>/checkpoints (sets the `name` of every logger).",
+        )
+        parser.set_defaults({"trainer.logger": _LOGGERS, "trainer.callbacks": _CALLBACKS})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _assign_run_dirs(config.trainer, config.get("run_name"))
+
+    def instantiate_trainer(self, **kwargs: Any):
+        if self._plan:  # planning needs the model and data settings only
+            return None
+        return super().instantiate_trainer(**kwargs)
+
+
+def _assign_run_dirs(trainer_cfg: Any, run_name: str | None) -> None:
+    """Name the loggers, give those without a version the same next free ``version_<n>`` and point checkpoints
+    without a ``dirpath`` at ``<save_dir>/<name>/checkpoints``."""
+    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+    loggers = [lg for lg in loggers if lg not in (None, True, False) and "init_args" in lg]
+    if not loggers:
+        return
+    for lg in loggers:
+        if run_name and "name" in _init_arg_names(lg["class_path"]):
+            lg["init_args"]["name"] = run_name
+    first = loggers[0]["init_args"]
+    root = Path(first.get("save_dir") or RUNS_DIR) / (first.get("name") or "")
+    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = f"version_{max(taken, default=-1) + 1}"
+    for lg in loggers:
+        if lg["init_args"].get("version") is None and "version" in _init_arg_names(lg["class_path"]):
+            lg["init_args"]["version"] = version
+    callbacks = trainer_cfg.callbacks or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if cb is not None and cb["class_path"].endswith("ModelCheckpoint") and not cb["init_args"].get("dirpath"):
+            cb["init_args"]["dirpath"] = str(root / "checkpoints")
+
+
+def _init_arg_names(class_path: str) -> set[str]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    return set(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
+
+
+def _cli(args: list[str], **kwargs: Any) -> WebSSLCLI:
+    return WebSSLCLI(
+        LitWebSSL,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        args=args,
+        **kwargs,
+    )
+
+
+def plan_main(argv: list[str]) -> None:
+    """``plan --config FILE``: parse the run's config and print the model's size without allocating it."""
+    from lit_webssl.plan import print_plan
+
+    cli = _cli(argv, run=False, plan=True)
+    print_plan(cli.model, cli.datamodule)
+
+
+def data_main(argv: list[str]) -> None:
+    """``data demo [--out DIR] ...``: dataset tools."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lit_webssl data {demo} [options]\n  demo: build the embedded demo dataset as MDS shards")
+        return
+    if argv[0] != "demo":
+        raise SystemExit(f"error: unknown data command {argv[0]!r}; choose from: demo")
+    from lit_webssl.datamodules.demo import main as demo_main
+
+    demo_main(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m lit_webssl`` and the ``lit-webssl`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan":
+        return plan_main(argv[1:])
+    if argv and argv[0] == "data":
+        return data_main(argv[1:])
+    _cli(argv)

@@ -1,0 +1,130 @@
+"""``LitWebSSL``: the one LightningModule; an interchangeable objective over the shared ViT."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lit_webssl.backbone import VisionTransformer
+from lit_webssl.objectives.base import Objective, normalize_uint8
+from lit_webssl.optim import OptimConfig, StepSchedule
+from lit_webssl.presets import PRESETS, build_backbone
+
+
+class LitWebSSL(L.LightningModule):
+    """Trains ``objective`` over a backbone from :mod:`lit_webssl.presets`.
+
+    The backbone and the objective's heads are built in :meth:`configure_model`, not in ``__init__``, so sharded
+    strategies can build them directly on their shards and ``plan`` can build them on the meta device.
+
+    Args:
+        objective: The training objective (``class_path: lit_webssl.objectives.MAE``, a DINOv2, CLIP, or a
+            user's own :class:`~lit_webssl.objectives.base.Objective` subclass).
+        backbone: Backbone preset name (``vit_debug``, ``vit_small``..., ``webdino_1b``..., ``webmae_300m``...).
+        backbone_overrides: Backbone constructor arguments that replace the preset's (e.g. ``drop_path_rate``,
+            ``img_size``, ``grad_checkpointing``).
+        optim: Optimizer and learning-rate / weight-decay schedule.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        backbone: str = "vit_debug",
+        backbone_overrides: dict[str, Any] | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in PRESETS:
+            raise ValueError(f"--model.backbone: unknown preset {backbone!r}; choose one of {', '.join(PRESETS)}")
+        self.objective = objective
+        self.backbone_name = backbone
+        self.backbone_overrides = dict(backbone_overrides or {})
+        self.optim = optim or OptimConfig()
+        self.backbone: VisionTransformer | None = None
+        self.schedule: StepSchedule | None = None
+        self.save_hyperparameters(
+            {"backbone": backbone, "backbone_overrides": self.backbone_overrides, "optim": asdict(self.optim),
+             "objective": type(objective).__name__}
+        )
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def build_backbone(self, device: torch.device | str | None = None) -> VisionTransformer:
+        """A freshly initialized backbone of this run's preset and overrides."""
+        return build_backbone(self.backbone_name, self.backbone_overrides, device=device)
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        self.backbone = self.build_backbone()
+        self.objective.configure(self.backbone)
+
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all ranks (per-device batch x world size x accumulation)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("--data: the datamodule must expose `batch_size` to scale the learning rate")
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        global_batch = self.global_batch_size()
+        self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
+        groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
+        fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
+        return torch.optim.AdamW(
+            groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
+        )
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Normalize uint8 views on the device (the loaders ship uint8 to save host memory and bandwidth)."""
+        mean, std = self.objective.pixel_mean, self.objective.pixel_std
+        if "views" in batch:
+            batch["views"] = {k: normalize_uint8(v, mean, std) for k, v in batch["views"].items()}
+        return batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        lr, wd = self.schedule.lr(step), self.schedule.weight_decay(step)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
+        if self.optim.weight_decay_end is not None:
+            self.log("train/wd", wd, on_step=True, on_epoch=False)
+
+    def _shared_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        self.objective.current_step = self.global_step
+        self.objective.rank = self.global_rank
+        out = self.objective(batch, self.backbone)
+        batch_size = len(batch["label"]) if "label" in batch else None
+        on_step = prefix == "train"
+        self.log(f"{prefix}/loss", out.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=not on_step)
+        metrics = {f"{prefix}/{k}": v for k, v in out.metrics.items()}
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        if "corrupt" in batch:
+            self.log(f"{prefix}/corrupt_samples", batch["corrupt"].sum().float(), on_step=False, on_epoch=True,
+                     reduce_fx="sum", batch_size=batch_size, sync_dist=True)
+        return out.loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.objective.on_before_optimizer_step(self.backbone, self.global_step)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.objective.on_after_optimizer_step(self.backbone, self.global_step + 1)
+
+    def eval_backbone(self) -> nn.Module:
+        """The backbone probes should read (the objective decides: the EMA teacher's for DINO)."""
+        return self.objective.eval_backbone(self.backbone)

@@ -1,0 +1,188 @@
+"""The objective contract: what every SSL (or CLIP) objective declares, owns and returns.
+
+An objective is an ``nn.Module`` that
+
+* declares the views it needs from the data pipeline (:meth:`Objective.views`), as :class:`ViewSpec` entries;
+* owns its heads, teacher and loss modules (they are sub-modules, so they are checkpointed and sharded with it);
+* computes the total loss from one batch and the shared backbone (:meth:`Objective.forward`) and returns an
+  :class:`ObjectiveOutput`: the loss plus a flat dict of named metrics;
+* may act after each optimizer step (:meth:`Objective.on_after_optimizer_step`, e.g. an EMA teacher update) and
+  may shape the optimizer's parameter groups (:meth:`Objective.param_groups`).
+
+Batch layout handed to :meth:`Objective.forward` (built by ``lit_webssl.datamodules``, normalized on the device by
+``LitWebSSL``):
+
+* ``batch["views"][name]``: float tensor ``(B, count, 3, size, size)`` per declared :class:`ViewSpec`, normalized
+  with :attr:`Objective.pixel_mean` / :attr:`Objective.pixel_std`;
+* ``batch["label"]``: ``(B,)`` int64, ``-1`` where the data has no label;
+* ``batch["caption"]``: ``list[str]`` when the objective sets :attr:`Objective.needs_text`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lit_webssl.backbone import VisionTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One kind of augmented crop that an objective asks the data pipeline for.
+
+    The pipeline returns ``count`` independent crops of each sample, as uint8 ``(count, 3, size, size)``; the
+    photometric operations run on uint8 tensors in the loader workers, normalization runs on the device.
+    """
+
+    name: str
+    """Key of this view in ``batch["views"]``."""
+    size: int
+    """Output side length in pixels (square crops)."""
+    count: int = 1
+    """Number of independent crops of this kind per sample."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range, as a fraction of the image."""
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    color_jitter_p: float = 0.0
+    """Probability of applying color jitter with strengths :attr:`color_jitter`."""
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue jitter strengths."""
+    grayscale_p: float = 0.0
+    """Probability of converting to grayscale (3 channels kept)."""
+    blur_p: float = 0.0
+    """Probability of a Gaussian blur (kernel 9, sigma uniform in :attr:`blur_sigma`)."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range."""
+    solarize_p: float = 0.0
+    """Probability of solarizing (threshold 128)."""
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"view {self.name!r}: count must be >= 1, got {self.count}")
+        if self.size < 1:
+            raise ValueError(f"view {self.name!r}: size must be >= 1, got {self.size}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"view {self.name!r}: scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        for prob in ("hflip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, prob)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"view {self.name!r}: {prob} must be in [0, 1], got {value}")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What :meth:`Objective.forward` returns: the total loss and a flat dict of named metrics.
+
+    Metric names are stable across steps; sub-losses under their own name (``mae``), diagnostics that do not
+    contribute to the loss under ``stats/``. ``LitWebSSL`` logs the dict and never looks inside it.
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module, abc.ABC):
+    """Base class of every training objective (Web-MAE, Web-DINO, CLIP, and users' own).
+
+    Subclasses must set :attr:`embed_dim`-dependent modules in :meth:`configure` (called once the backbone exists,
+    so heads can be sized from it) and implement :meth:`views` and :meth:`forward`.
+    """
+
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean used to normalize uint8 views on the device."""
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel std used to normalize uint8 views on the device."""
+    needs_text: bool = False
+    """True when batches must carry captions (``batch["caption"]``)."""
+    current_step: int = 0
+    """Optimizer steps done so far; set by ``LitWebSSL`` before every forward."""
+    rank: int = 0
+    """Global rank of this process; set by ``LitWebSSL``."""
+
+    def configure(self, backbone: VisionTransformer) -> None:  # noqa: B027 - optional hook
+        """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``."""
+
+    @abc.abstractmethod
+    def views(self) -> Sequence[ViewSpec]:
+        """The crops this objective needs from every training sample."""
+
+    @abc.abstractmethod
+    def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
+        """Compute the total loss and named metrics of one batch."""
+
+    def step_generator(self, device: torch.device | str, seed: int) -> torch.Generator:
+        """A generator seeded from ``(seed, current_step, rank)``: random draws that a resumed run repeats exactly."""
+        mixed = (seed * 1_000_003 + self.current_step) * 65_537 + self.rank
+        return torch.Generator(device=device).manual_seed(mixed % (2**63))
+
+    def eval_backbone(self, backbone: VisionTransformer) -> nn.Module:
+        """The backbone whose frozen features probes should evaluate (the EMA teacher's, for DINO)."""
+        return backbone
+
+    def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:  # noqa: B027
+        """Called after every optimizer step with the number of steps done (e.g. EMA teacher update)."""
+
+    def on_before_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:  # noqa: B027
+        """Called after backward and before the optimizer step (e.g. per-module gradient clipping)."""
+
+    def param_groups(self, backbone: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for the backbone and this objective's trainable modules.
+
+        The default puts bias, norm, LayerScale gamma and token parameters (``ndim <= 1`` or named ``*_token``,
+        ``pos_embed``) in a group without weight decay and everything else in one with ``weight_decay``. Each
+        group carries ``lr_mult`` and ``wd_mult`` that the schedule multiplies in.
+        """
+        named = [(f"backbone.{n}", p) for n, p in backbone.named_parameters()]
+        named += [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
+        return split_decay_groups(named, weight_decay)
+
+    def trainable_named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
+        """This objective's own parameters that the optimizer updates (excludes an EMA teacher)."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+def is_no_decay(name: str, param: Tensor) -> bool:
+    """True for parameters that take no weight decay: biases, norms, LayerScale gammas, tokens, 1-D tensors."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or "norm" in name
+        or leaf in ("gamma", "pos_embed", "cls_token", "mask_token", "logit_scale")
+        or leaf.endswith("_token")
+    )
+
+
+def split_decay_groups(named: Iterable[tuple[str, Tensor]], weight_decay: float) -> list[dict[str, Any]]:
+    """Two parameter groups: with ``weight_decay`` and without (see :func:`is_no_decay`). Frozen params skipped."""
+    decay, no_decay = [], []
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        (no_decay if is_no_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "wd_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "wd_mult": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def normalize_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``(..., 3, H, W)`` -> float normalized with ``mean``/``std`` (given for [0, 1] pixels)."""
+    shape = (3, 1, 1)
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(shape) * 255.0
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(shape) * 255.0
+    return (images.float() - mean_t) / std_t
