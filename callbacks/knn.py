@@ -12,6 +12,7 @@ import torch
 from lit_webssl.objectives.base import normalize_uint8
 from torch import Tensor, nn
 
+from lit_webssl.errors import ConfigError
 from lit_webssl.knn import knn_top1
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ class KNNProbe(L.Callback):
         metrics_file: str = "metrics.json",
     ) -> None:
         if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"--trainer.callbacks KNNProbe.every_n_steps must be > 0, got {every_n_steps}")
+            raise ConfigError(f"--trainer.callbacks KNNProbe.every_n_steps must be > 0, got {every_n_steps}")
         if k <= 0:
-            raise ValueError(f"--trainer.callbacks KNNProbe.k must be > 0, got {k}")
+            raise ConfigError(f"--trainer.callbacks KNNProbe.k must be > 0, got {k}")
         self.every_n_steps = every_n_steps
         self.at_fit_end = at_fit_end
         self.baselines = baselines

@@ -18,11 +18,13 @@ from streaming import StreamingDataset
 from streaming.base.local import LocalDataset
 from torch.utils.data import Dataset
 
+from lit_webssl.errors import ConfigError
+
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTIONS = 16
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data setting (flag or path) that cannot work; the message names the flag."""
 
 

@@ -19,6 +19,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_webssl.errors import ConfigError
+
 FFN = Literal["mlp", "swiglu"]
 
 
@@ -42,7 +44,7 @@ def _swiglu_layer(mlp_ratio: float):
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
     """Fixed 2-D sin-cos position embedding ``(grid_h * grid_w, dim)``, as in the MAE reference (no CLS row)."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise ConfigError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
     ys, xs = torch.meshgrid(
         torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
@@ -97,9 +99,11 @@ class VisionTransformer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        check_img_size(img_size, patch_size, flag="--model.backbone.img_size")
+        check_img_size(img_size, patch_size, flag="--model.backbone_overrides.img_size")
         if embed_dim % num_heads:
-            raise ValueError(f"--model.backbone.embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(
+                f"--model.backbone_overrides: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -180,7 +184,7 @@ class VisionTransformer(nn.Module):
         """Patchify, apply mask tokens, add positions, keep a subset (MAE), prepend CLS: ``(B, 1 + N|K, D)``."""
         _, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"crop size {h}x{w} is not divisible by the patch size {self.patch_size}")
+            raise ConfigError(f"crop size {h}x{w} is not divisible by the patch size {self.patch_size}")
         tokens = self.patch_embed(x)  # B N D
         if masks is not None:
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
@@ -215,4 +219,4 @@ class VisionTransformer(nn.Module):
 def check_img_size(size: int, patch_size: int, flag: str) -> None:
     """Raise a one-line error naming ``flag`` when ``size`` is not a positive multiple of ``patch_size``."""
     if size <= 0 or size % patch_size:
-        raise ValueError(f"{flag}={size} is not divisible by the patch size {patch_size}")
+        raise ConfigError(f"{flag}={size} is not divisible by the patch size {patch_size}")

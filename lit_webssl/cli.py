@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
 
 RUNS_DIR = "runs"
@@ -110,7 +111,7 @@ def plan_main(argv: list[str]) -> None:
 def data_main(argv: list[str]) -> None:
     """``data demo [--out DIR] ...``: dataset tools."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lit_webssl data {demo} [options]\n  demo: build the embedded demo dataset as MDS shards")
+        print("usage: python -m lit_webssl data {demo} [options]\n  demo: build the demo dataset as MDS shards")
         return
     if argv[0] != "demo":
         raise SystemExit(f"error: unknown data command {argv[0]!r}; choose from: demo")
@@ -122,8 +123,12 @@ def data_main(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m lit_webssl`` and the ``lit-webssl`` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
-        return plan_main(argv[1:])
-    if argv and argv[0] == "data":
-        return data_main(argv[1:])
-    _cli(argv)
+    try:
+        if argv and argv[0] == "plan":
+            return plan_main(argv[1:])
+        if argv and argv[0] == "data":
+            return data_main(argv[1:])
+        _cli(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lit_webssl.backbone import VisionTransformer
+from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
 from lit_webssl.presets import PRESETS, build_backbone
@@ -39,7 +40,7 @@ class LitWebSSL(L.LightningModule):
     ) -> None:
         super().__init__()
         if backbone not in PRESETS:
-            raise ValueError(f"--model.backbone: unknown preset {backbone!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"--model.backbone: unknown preset {backbone!r}; choose one of {', '.join(PRESETS)}")
         self.objective = objective
         self.backbone_name = backbone
         self.backbone_overrides = dict(backbone_overrides or {})
@@ -67,7 +68,7 @@ class LitWebSSL(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         per_device = getattr(datamodule, "batch_size", None)
         if per_device is None:
-            raise ValueError("--data: the datamodule must expose `batch_size` to scale the learning rate")
+            raise ConfigError("--data: the datamodule must expose `batch_size` to scale the learning rate")
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from lit_webssl.errors import ConfigError
+
 Unit = Literal["steps", "samples"]
 
 
@@ -54,14 +56,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.base_lr <= 0:
-            raise ValueError(f"--model.optim.base_lr must be > 0, got {self.base_lr}")
+            raise ConfigError(f"--model.optim.base_lr must be > 0, got {self.base_lr}")
         if self.warmup < 0:
-            raise ValueError(f"--model.optim.warmup must be >= 0, got {self.warmup}")
+            raise ConfigError(f"--model.optim.warmup must be >= 0, got {self.warmup}")
         if self.total is not None and self.total <= self.warmup:
-            raise ValueError(f"--model.optim.total ({self.total}) must be larger than --model.optim.warmup "
+            raise ConfigError(f"--model.optim.total ({self.total}) must be larger than --model.optim.warmup "
                              f"({self.warmup})")
         if self.lr_reference_batch <= 0:
-            raise ValueError(f"--model.optim.lr_reference_batch must be > 0, got {self.lr_reference_batch}")
+            raise ConfigError(f"--model.optim.lr_reference_batch must be > 0, got {self.lr_reference_batch}")
 
     def peak_lr(self, global_batch: int) -> float:
         """The learning rate after warmup for ``global_batch`` images per optimizer step."""
@@ -83,7 +85,7 @@ class StepSchedule:
         self.warmup = cfg.to_steps(cfg.warmup, global_batch)
         self.total = cfg.to_steps(cfg.total, global_batch) if cfg.total is not None else max_steps
         if self.total <= 0:
-            raise ValueError("set --trainer.max_steps or --model.optim.total: the lr schedule needs a length")
+            raise ConfigError("set --trainer.max_steps or --model.optim.total: the lr schedule needs a length")
 
     def lr(self, step: int) -> float:
         return cosine_schedule(step, self.peak_lr, self.cfg.min_lr, self.total, self.warmup)

@@ -6,9 +6,12 @@ import inspect
 from typing import Any
 
 from lit_webssl.backbone import VisionTransformer
+from lit_webssl.errors import ConfigError
 
 _DINO = {"patch_size": 14, "ffn": "swiglu", "layerscale": 1e-5, "img_size": 224}
-_MAE = {"patch_size": 14, "ffn": "mlp", "layerscale": None, "img_size": 224, "pos_embed": "sincos", "weight_init": "xavier"}
+_MAE = {
+    "patch_size": 14, "ffn": "mlp", "layerscale": None, "img_size": 224, "pos_embed": "sincos", "weight_init": "xavier"
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 blocks, width 32, patch 4 at 32 px: the whole loop runs on a CPU in seconds.
@@ -40,9 +43,9 @@ def build_backbone(
 ) -> VisionTransformer:
     """Build the preset ``name`` with ``overrides`` applied; errors name ``flag`` and list the valid choices."""
     if name not in PRESETS:
-        raise ValueError(f"{flag}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"{flag}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - _ARGS)
     if unknown:
-        raise ValueError(f"{flag}_overrides: unknown backbone argument(s) {unknown}; valid: {sorted(_ARGS)}")
+        raise ConfigError(f"{flag}_overrides: unknown backbone argument(s) {unknown}; valid: {sorted(_ARGS)}")
     return VisionTransformer(**{**PRESETS[name], **overrides}, device=device)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lit_webssl.errors import ConfigError
+
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
 
@@ -70,16 +72,16 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise ValueError(f"view {self.name!r}: count must be >= 1, got {self.count}")
+            raise ConfigError(f"view {self.name!r}: count must be >= 1, got {self.count}")
         if self.size < 1:
-            raise ValueError(f"view {self.name!r}: size must be >= 1, got {self.size}")
+            raise ConfigError(f"view {self.name!r}: size must be >= 1, got {self.size}")
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"view {self.name!r}: scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(f"view {self.name!r}: scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         for prob in ("hflip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             value = getattr(self, prob)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"view {self.name!r}: {prob} must be in [0, 1], got {value}")
+                raise ConfigError(f"view {self.name!r}: {prob} must be in [0, 1], got {value}")
 
 
 @dataclass

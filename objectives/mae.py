@@ -15,6 +15,8 @@ from lit_webssl.objectives.losses import MAELoss, patchify
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from lit_webssl.errors import ConfigError
+
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
 
@@ -108,9 +110,9 @@ class MAE(Objective):
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"--model.objective.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"--model.objective.init_args.mask_ratio must be in (0, 1), got {mask_ratio}")
         if decoder_dim % decoder_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.objective.init_args.decoder_dim ({decoder_dim}) must be divisible by decoder_heads "
                 f"({decoder_heads})"
             )
@@ -127,7 +129,7 @@ class MAE(Objective):
 
     def configure(self, backbone: VisionTransformer) -> None:
         if self.crop_size % backbone.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.objective.init_args.crop_size={self.crop_size} is not divisible by the patch size "
                 f"{backbone.patch_size}"
             )
