@@ -121,7 +121,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, 1 + grid * grid, embed_dim, device=device), requires_grad=pos_embed == "learned"
         )
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        step = drop_path_rate / max(depth - 1, 1)
+        rates = [drop_path_rate] * depth if drop_path_uniform else [i * step for i in range(depth)]
         mlp_layer = _swiglu_layer(mlp_ratio) if ffn == "swiglu" else Mlp
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
@@ -132,7 +133,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = norm(embed_dim, device=device)
-        if device is None or torch.device(device).type != "meta":
+        if not self.pos_embed.is_meta:  # meta: shapes only (plan, sharded init)
             self.init_weights()
 
     @property

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
 
 RUNS_DIR = "runs"
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields document themselves in --help
 
 _LOGGERS = [
     {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},

@@ -36,7 +36,7 @@ class LitWebSSL(L.LightningModule):
         objective: Objective,
         backbone: str = "vit_debug",
         backbone_overrides: dict[str, Any] | None = None,
-        optim: OptimConfig | None = None,
+        optim: OptimConfig = OptimConfig(),  # noqa: B008 - a nested config group for jsonargparse
     ) -> None:
         super().__init__()
         if backbone not in PRESETS:

@@ -27,7 +27,6 @@ def fast_overrides(data_dir: Path, steps: int = 3, run_name: str = "test") -> li
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(max(steps - 1, 1)),
         "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false",
         "--data.init_args.local", str(data_dir),
         "--data.init_args.batch_size", "16",
         "--data.init_args.num_workers", "0",
