@@ -1,97 +1,149 @@
-"""uint8 view transforms: decode, RandomResizedCrop and photometric ops on tensors, following a ``ViewSpec``.
+"""uint8 image transforms: decoding, the augmented views an objective declares, and the deterministic probe view.
 
-Everything stays uint8 ``(3, H, W)`` on the CPU (less host memory and transfer); normalization happens on the device.
+Everything works on uint8 ``(3, H, W)`` tensors with ``torchvision.transforms.v2`` (no PIL): the crop is cut
+first and only the crop is resized, operations whose probability is 0 are never built, and the result stays uint8
+(four times less host memory and host-to-device traffic than float). Normalization happens on the device.
+
+Randomness comes from torch's global generator only, so ``torch.manual_seed`` (or a ``torch.random.fork_rng``
+block, as the datasets use per sample) makes every view reproducible.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import re
 from collections.abc import Sequence
 
 import torch
-import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as TF
 from lit_webssl.objectives.base import ViewSpec
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
+from torch import Tensor, nn
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as _tv_decode_image
+from torchvision.transforms import v2
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+BLUR_KERNEL = 9
+SOLARIZE_THRESHOLD = 128
+
+__all__ = ["EvalTransform", "MultiViewTransform", "ViewTransform", "decode", "decode_image"]
 
 
-def decode(data: bytes) -> Tensor:
-    """Encoded JPEG/PNG/... bytes -> uint8 RGB ``(3, H, W)``; ``ValueError`` when the bytes do not decode."""
+def decode_image(data: bytes) -> Tensor:
+    """Decode encoded image bytes (JPEG, PNG, WebP, GIF, ...) to RGB.
+
+    Args:
+        data: The encoded file's bytes.
+
+    Returns:
+        uint8 tensor ``(3, H, W)``; grayscale and alpha images are converted to 3-channel RGB.
+
+    Raises:
+        ValueError: The bytes are empty, truncated beyond repair or not an image; the message gives their length
+            and first bytes.
+    """
+    if len(data) == 0:
+        raise ValueError("undecodable image (0 bytes): empty")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"undecodable image ({len(data)} bytes): {err}") from err
+        return _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = re.sub(r"^.*?\.cpp:\d+,\s*", "", message)  # drop torchvision's C++ source location
+        raise ValueError(f"undecodable image ({len(data)} bytes, starting {bytes(data[:8])!r}): {message}") from err
 
 
-def _rrc_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box sampling (10 tries, then a central crop)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(scale[0], scale[1])
-        aspect = math.exp(random.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return random.randint(0, height - h), random.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+decode = decode_image
+"""Alias of :func:`decode_image`."""
+
+
+def _maybe(op: nn.Module, p: float) -> nn.Module:
+    """``op`` applied with probability ``p`` (no coin flip at all when ``p == 1``)."""
+    return op if p >= 1.0 else v2.RandomApply([op], p=p)
+
+
+def _blur_kernel(size: int) -> int:
+    """Kernel 9, shrunk to the largest odd size that reflect-padding allows on very small crops."""
+    largest = size if size % 2 else size - 1
+    return max(1, min(BLUR_KERNEL, largest))
 
 
 class ViewTransform:
-    """One ``ViewSpec`` applied to a uint8 image: crop, resize (bicubic, antialiased), flip, colour operations.
+    """One :class:`ViewSpec` applied to a uint8 image.
 
-    Randomness comes from Python's ``random`` and torch's global generator, which the dataset seeds per sample.
+    RandomResizedCrop (bicubic, antialiased), then horizontal flip, colour jitter, grayscale, Gaussian blur and
+    solarization, each with the spec's probability. Operations with probability 0 are left out of the pipeline.
+
+    Args:
+        spec: The view to produce.
     """
 
     def __init__(self, spec: ViewSpec) -> None:
         self.spec = spec
-        self.jitter = v2.ColorJitter(*spec.color_jitter) if spec.color_jitter_p > 0 else None
+        ops: list[nn.Module] = [
+            v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=BICUBIC, antialias=True)
+        ]
+        if spec.hflip_p > 0:
+            ops.append(v2.RandomHorizontalFlip(p=spec.hflip_p))
+        if spec.color_jitter_p > 0 and any(spec.color_jitter):
+            brightness, contrast, saturation, hue = spec.color_jitter
+            ops.append(_maybe(v2.ColorJitter(brightness, contrast, saturation, hue), spec.color_jitter_p))
+        if spec.grayscale_p > 0:
+            ops.append(v2.RandomGrayscale(p=spec.grayscale_p))
+        if spec.blur_p > 0:
+            ops.append(_maybe(v2.GaussianBlur(_blur_kernel(spec.size), sigma=spec.blur_sigma), spec.blur_p))
+        if spec.solarize_p > 0:
+            ops.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=spec.solarize_p))
+        self.ops = ops
 
     def __call__(self, image: Tensor) -> Tensor:
-        s = self.spec
-        top, left, h, w = _rrc_params(image.shape[-2], image.shape[-1], s.scale, s.ratio)
-        out = TF.resized_crop(image, top, left, h, w, [s.size, s.size],
-                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-        if s.hflip_p and random.random() < s.hflip_p:
-            out = TF.horizontal_flip(out)
-        if self.jitter is not None and random.random() < s.color_jitter_p:
-            out = self.jitter(out)
-        if s.grayscale_p and random.random() < s.grayscale_p:
-            out = TF.rgb_to_grayscale(out, num_output_channels=3)
-        if s.blur_p and random.random() < s.blur_p:
-            out = TF.gaussian_blur(out, [9, 9], [random.uniform(*s.blur_sigma)] * 2)
-        if s.solarize_p and random.random() < s.solarize_p:
-            out = TF.solarize(out, 128)
-        return out
+        """uint8 ``(3, H, W)`` -> uint8 ``(3, size, size)``."""
+        for op in self.ops:
+            image = op(image)
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec.name!r}: {', '.join(type(op).__name__ for op in self.ops)})"
 
 
 class MultiViewTransform:
-    """Every declared view of one image: ``{name: uint8 (count, 3, size, size)}``."""
+    """Every view an objective declares, from one image.
+
+    Args:
+        specs: The views, with distinct names.
+
+    Raises:
+        ValueError: No views, or two views with the same name.
+    """
 
     def __init__(self, specs: Sequence[ViewSpec]) -> None:
-        if not specs:
-            raise ValueError("the objective declared no views")
-        self.transforms = [(s.name, s.count, ViewTransform(s)) for s in specs]
+        names = [s.name for s in specs]
+        if not names:
+            raise ValueError("no views declared: the objective's views() returned nothing")
+        if len(set(names)) != len(names):
+            raise ValueError(f"view names must be distinct, got {names}")
+        self.specs = list(specs)
+        self.transforms = [(s, ViewTransform(s)) for s in self.specs]
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
-        return {name: torch.stack([t(image) for _ in range(count)]) for name, count, t in self.transforms}
+        """uint8 ``(3, H, W)`` -> ``{name: uint8 (count, 3, size, size)}``."""
+        return {
+            spec.name: torch.stack([transform(image) for _ in range(spec.count)])
+            for spec, transform in self.transforms
+        }
 
 
 class EvalTransform:
-    """Deterministic probe view: resize the short side to ``size`` (bicubic, antialiased), then center-crop."""
+    """Deterministic probe view: resize the shorter side to ``size`` (bicubic, antialiased), then center-crop.
+
+    Args:
+        size: Output side length in pixels.
+    """
 
     def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         self.size = size
+        self.resize = v2.Resize(size, interpolation=BICUBIC, antialias=True)
+        self.crop = v2.CenterCrop(size)
 
     def __call__(self, image: Tensor) -> Tensor:
-        out = TF.resize(image, [self.size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(out, [self.size, self.size])
+        """uint8 ``(3, H, W)`` -> uint8 ``(3, size, size)``."""
+        return self.crop(self.resize(image))

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from lit_webssl.datamodules.demo import build_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,149 @@
+"""The Streaming datamodule: batch layout, splits, kNN loaders, early config errors and corrupt-image tolerance."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, WebSSLDataModule
+from lit_webssl.objectives.base import ViewSpec
+from streaming import MDSWriter
+from streaming.base.local import LocalDataset
+
+N_TRAIN, N_VAL, SIZE = 48, 20, 40  # the demo_root fixture (conftest.py)
+VIEWS = [
+    ViewSpec("global", size=24, count=2, scale=(0.3, 1.0), color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5),
+    ViewSpec("local", size=12, count=3, scale=(0.05, 0.3)),
+]
+
+
+def _datamodule(root: Path, **kwargs) -> WebSSLDataModule:
+    kwargs = {"batch_size": 8, "num_workers": 0, "pin_memory": False, **kwargs}
+    dm = WebSSLDataModule(str(root), **kwargs)
+    dm.set_views(VIEWS)
+    dm.setup("fit")
+    return dm
+
+
+def _write_mds(path: Path, images: list[bytes], labels: list[int] | None) -> None:
+    columns = {"image": "bytes", **({"label": "int"} if labels is not None else {})}
+    with MDSWriter(out=str(path), columns=columns, progress_bar=False) as writer:
+        for i, image in enumerate(images):
+            writer.write({"image": image, **({"label": labels[i]} if labels is not None else {})})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_and_val_batches(demo_root, workers):
+    dm = _datamodule(demo_root, num_workers=workers, caption_key="caption")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["views"]["global"].shape == (8, 2, 3, 24, 24)
+    assert batch["views"]["local"].shape == (8, 3, 3, 12, 12)
+    assert batch["views"]["global"].dtype == torch.uint8 and batch["views"]["local"].dtype == torch.uint8
+    assert batch["label"].dtype == torch.int64 and batch["label"].shape == (8,)
+    assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
+    assert batch["corrupt"].tolist() == [0] * 8
+    assert len(batch["caption"]) == 8 and all(isinstance(c, str) and c for c in batch["caption"])
+    val = list(dm.val_dataloader())
+    assert sorted(torch.cat([b["index"] for b in val]).tolist()) == list(range(N_VAL))
+
+
+def test_train_epoch_drops_last_and_covers_samples_once(demo_root):
+    batches = list(_datamodule(demo_root, batch_size=10).train_dataloader())
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert all(len(b["label"]) == 10 for b in batches) and len(seen) == len(set(seen)) == N_TRAIN // 10 * 10
+
+
+def test_views_come_from_the_attached_objective_and_text_needs_captions(demo_root):
+    objective = SimpleNamespace(views=lambda: VIEWS[:1], needs_text=False)
+    dm = WebSSLDataModule(str(demo_root), num_workers=0, pin_memory=False)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=objective))
+    dm.setup("fit")
+    assert dm.views == VIEWS[:1]
+    objective.needs_text = True
+    with pytest.raises(DataConfigError, match="--data.caption_key"):
+        dm.setup("fit")
+
+
+def test_views_of_a_sample_do_not_depend_on_workers(demo_root):
+    seen = {}
+    for workers in (0, 2):
+        batches = list(_datamodule(demo_root, num_workers=workers, shuffle=False).train_dataloader())
+        index = torch.cat([b["index"] for b in batches]).tolist()
+        seen[workers] = dict(zip(index, torch.cat([b["views"]["global"] for b in batches]), strict=True))
+    assert seen[0].keys() == seen[2].keys()
+    assert all(torch.equal(seen[0][i], seen[2][i]) for i in seen[0])
+
+
+def test_knn_loaders_return_every_sample_once_in_order(demo_root):
+    dm = _datamodule(demo_root)
+    bank, queries = dm.knn_dataloaders(size=16, batch_size=7)
+    images = [b["image"] for b in bank]
+    assert images[0].shape == (7, 3, 16, 16) and images[0].dtype == torch.uint8 and len(images[-1]) == N_TRAIN % 7
+    for loader, split in ((bank, "train"), (queries, "val")):
+        labels = torch.cat([b["label"] for b in loader])
+        reader = LocalDataset(str(demo_root), split)
+        assert labels.dtype == torch.int64 and labels.tolist() == [reader[i]["label"] for i in range(len(reader))]
+
+
+def test_knn_caps_and_label_errors(demo_root, tmp_path):
+    bank, queries = _datamodule(demo_root, knn_train_samples=10, knn_val_samples=100).knn_dataloaders(16, 4)
+    assert sum(len(b["label"]) for b in bank) == 10 and sum(len(b["label"]) for b in queries) == N_VAL
+    with pytest.raises(DataConfigError, match="--data.label_key"):
+        _datamodule(demo_root, label_key=None).knn_dataloaders(16, 4)
+    image = LocalDataset(str(demo_root), "val")[0]["image"]
+    for split in ("train", "val"):
+        _write_mds(tmp_path / "unlabelled" / split, [image] * 4, labels=None)
+    dm = _datamodule(tmp_path / "unlabelled", batch_size=4)
+    assert next(iter(dm.train_dataloader()))["label"].tolist() == [-1] * 4
+    with pytest.raises(DataConfigError, match="--data.label_key: split 'train' has no label column"):
+        dm.knn_dataloaders(16, 4)
+
+
+def test_no_val_split_means_no_validation(demo_root):
+    dm = _datamodule(demo_root, val_split=None)
+    assert dm.val_dataloader() == []
+    with pytest.raises(DataConfigError, match="--data.val_split"):
+        dm.knn_dataloaders(16, 4)
+
+
+def test_missing_data_fails_early_naming_the_flag(demo_root, tmp_path):
+    with pytest.raises(DataConfigError, match=r"--data.local: no dataset directory at .*nowhere.*data demo"):
+        WebSSLDataModule(str(tmp_path / "nowhere")).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataConfigError, match=r"--data.local: no MDS index at .*empty/train/index.json"):
+        WebSSLDataModule(str(tmp_path / "empty")).setup("fit")
+    with pytest.raises(DataConfigError, match=r"--data.val_split: no MDS index at .*test/index.json.*train, val"):
+        WebSSLDataModule(str(demo_root), val_split="test").setup("fit")
+    with pytest.raises(DataConfigError, match="--data.image_key: split 'train'"):
+        WebSSLDataModule(str(demo_root), image_key="jpg").setup("fit")
+    with pytest.raises(DataConfigError, match="--data.batch_size must be >= 1"):
+        WebSSLDataModule(str(demo_root), batch_size=0)
+
+
+def test_corrupt_image_is_skipped_counted_and_logged_once(demo_root, tmp_path, caplog):
+    good = LocalDataset(str(demo_root), "train")
+    images = [good[i]["image"] for i in range(8)]
+    images[3] = b"\xff\xd8\xff\xe0 this is not a JPEG"
+    _write_mds(tmp_path / "bad" / "train", images, labels=list(range(8)))
+    dm = _datamodule(tmp_path / "bad", val_split=None, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="lit_webssl.datamodules.streaming"):
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["corrupt"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+        assert batch["label"].tolist() == [0, 1, 2, 4, 4, 5, 6, 7]  # sample 3 was replaced by sample 4
+        assert batch["views"]["global"].shape == (8, 2, 3, 24, 24)
+        dataset = MultiViewStreamingDataset(views=VIEWS, local=str(tmp_path / "bad"), split="train")
+        dataset[3], dataset[3]
+    warnings = [r.getMessage() for r in caplog.records if "skipping sample 3" in r.getMessage()]
+    assert len(warnings) == 2 and "shard.00000.mds" in warnings[0]  # once per dataset instance
+
+
+def test_remote_reads_through_a_local_cache(demo_root, tmp_path):
+    dm = _datamodule(tmp_path / "cache", remote=str(demo_root))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["views"]["global"].shape == (8, 2, 3, 24, 24)
+    bank, queries = dm.knn_dataloaders(size=SIZE, batch_size=16)
+    assert sum(len(b["label"]) for b in bank) == N_TRAIN and sum(len(b["label"]) for b in queries) == N_VAL
+    assert (tmp_path / "cache" / "_knn_cache" / "val" / "index.json").is_file()
