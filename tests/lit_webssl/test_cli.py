@@ -93,3 +93,15 @@ def test_bad_input_stops_with_one_clear_line(override, expected, tmp_path):
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_validate_a_checkpoint_and_print_config(tmp_path, capsys):
+    data = tiny_demo(tmp_path)
+    config = str(CONFIGS / "demo" / "mae_tiny.yaml")
+    main(["fit", "--config", config, *fast_overrides(data, steps=2, run_name="val")])
+    main(["validate", "--config", config, *fast_overrides(data, run_name="val"),
+          "--ckpt_path", "runs/val/checkpoints/last.ckpt"])
+    assert "val/loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--print_config"])
+    assert "class_path: lit_webssl.objectives.MAE" in capsys.readouterr().out
