@@ -10,7 +10,7 @@ over 1 + grid, a learned ``mask_token`` for iBOT, pre-norm blocks, final LayerNo
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import Literal
 
 import torch
@@ -41,8 +41,12 @@ def _swiglu_layer(mlp_ratio: float):
     return build
 
 
+@lru_cache(maxsize=32)
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
-    """Fixed 2-D sin-cos position embedding ``(grid_h * grid_w, dim)``, as in the MAE reference (no CLS row)."""
+    """Fixed 2-D sin-cos position embedding ``(grid_h * grid_w, dim)``, as in the MAE reference (no CLS row).
+
+    Cached per shape (it is rebuilt for every step at a non-native resolution otherwise); do not modify the result.
+    """
     if dim % 4:
         raise ConfigError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))

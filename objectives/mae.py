@@ -15,6 +15,7 @@ from lit_webssl.objectives.losses import MAELoss, patchify
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from lit_webssl.backbone import sincos_pos_embed
 from lit_webssl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -57,8 +58,6 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent: Tensor, ids_restore: Tensor, grid: tuple[int, int]) -> Tensor:
         """``latent`` ``(B, 1 + K, D)`` normed encoder tokens -> predictions ``(B, N, P)``."""
-        from lit_webssl.backbone import sincos_pos_embed
-
         x = self.embed(latent)  # B 1+K E
         b, n = ids_restore.shape
         fill = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)
