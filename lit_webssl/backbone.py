@@ -42,11 +42,16 @@ def _swiglu_layer(mlp_ratio: float):
 
 
 @lru_cache(maxsize=32)
-def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> Tensor:
+def sincos_pos_embed(
+    dim: int, grid_h: int, grid_w: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Fixed 2-D sin-cos position embedding ``(grid_h * grid_w, dim)``, as in the MAE reference (no CLS row).
 
-    Cached per shape (it is rebuilt for every step at a non-native resolution otherwise); do not modify the result.
+    Cached per shape, device and dtype: a step at a non-native resolution would otherwise rebuild it and copy it
+    host-to-device (a synchronizing copy) every step. Do not modify the result in place.
     """
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return sincos_pos_embed(dim, grid_h, grid_w).to(device=device, dtype=dtype)
     if dim % 4:
         raise ConfigError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
@@ -179,7 +184,7 @@ class VisionTransformer(nn.Module):
         if (grid_h, grid_w) == (self.grid_size, self.grid_size):
             return self.pos_embed
         if self.pos_embed_kind == "sincos":
-            patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w).to(self.pos_embed)
+            patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w, self.pos_embed.device, self.pos_embed.dtype)
             return torch.cat([self.pos_embed[:, :1], patch[None]], dim=1)
         return resample_abs_pos_embed(
             self.pos_embed, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens, antialias=False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -182,9 +183,15 @@ def split_decay_groups(named: Iterable[tuple[str, Tensor]], weight_decay: float)
     return [g for g in groups if g["params"]]
 
 
+@lru_cache(maxsize=16)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` in uint8 units as ``(3, 1, 1)`` tensors on ``device``, built once (no copy per step)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return mean_t.to(device), std_t.to(device)
+
+
 def normalize_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 ``(..., 3, H, W)`` -> float normalized with ``mean``/``std`` (given for [0, 1] pixels)."""
-    shape = (3, 1, 1)
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(shape) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(shape) * 255.0
+    mean_t, std_t = _pixel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean_t) / std_t

@@ -63,7 +63,7 @@ class MAEDecoder(nn.Module):
         fill = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], fill], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, self.dim))  # B N E
-        pos = sincos_pos_embed(self.dim, *grid).to(device=x.device, dtype=x.dtype)
+        pos = sincos_pos_embed(self.dim, *grid, x.device, x.dtype)
         x = torch.cat([x[:, :1], patches + pos], dim=1)
         for block in self.blocks:
             x = block(x)
