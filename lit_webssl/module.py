@@ -74,6 +74,7 @@ class LitWebSSL(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         global_batch = self.global_batch_size()
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
+        self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         return torch.optim.AdamW(
@@ -92,7 +93,7 @@ class LitWebSSL(L.LightningModule):
         step = self.global_step
         lr, wd = self.schedule.lr(step), self.schedule.weight_decay(step)
         for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = 0.0 if step < group.get("frozen_until", 0) else lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         self.log("train/lr", lr, on_step=True, on_epoch=False)
         if self.optim.weight_decay_end is not None:

@@ -21,6 +21,7 @@ Batch layout handed to :meth:`Objective.forward` (built by ``lit_webssl.datamodu
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -114,6 +115,12 @@ class Objective(nn.Module, abc.ABC):
     """Optimizer steps done so far; set by ``LitWebSSL`` before every forward."""
     rank: int = 0
     """Global rank of this process; set by ``LitWebSSL``."""
+    global_batch: int = 1
+    """Images per optimizer step over all ranks; set by ``LitWebSSL`` (:meth:`bind_schedule`) before training."""
+    total_steps: int = 0
+    """Length of the run's schedule in optimizer steps; set by ``LitWebSSL`` before training."""
+    schedule_unit: str = "steps"
+    """Unit of the objective's own schedule lengths (``steps`` or ``samples``), the one of ``--model.optim.unit``."""
 
     def configure(self, backbone: VisionTransformer) -> None:  # noqa: B027 - optional hook
         """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``."""
@@ -125,6 +132,14 @@ class Objective(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
         """Compute the total loss and named metrics of one batch."""
+
+    def bind_schedule(self, global_batch: int, total_steps: int, unit: str) -> None:
+        """Called by ``LitWebSSL`` once the global batch and the schedule length are known (before training)."""
+        self.global_batch, self.total_steps, self.schedule_unit = global_batch, total_steps, unit
+
+    def to_steps(self, value: int) -> int:
+        """A schedule length given in :attr:`schedule_unit` (steps or samples seen), in optimizer steps."""
+        return int(value) if self.schedule_unit == "steps" else math.ceil(value / self.global_batch)
 
     def step_generator(self, device: torch.device | str, seed: int) -> torch.Generator:
         """A generator seeded from ``(seed, current_step, rank)``: random draws that a resumed run repeats exactly."""
@@ -146,7 +161,8 @@ class Objective(nn.Module, abc.ABC):
 
         The default puts bias, norm, LayerScale gamma and token parameters (``ndim <= 1`` or named ``*_token``,
         ``pos_embed``) in a group without weight decay and everything else in one with ``weight_decay``. Each
-        group carries ``lr_mult`` and ``wd_mult`` that the schedule multiplies in.
+        group carries ``lr_mult`` and ``wd_mult`` that the schedule multiplies in, and may carry ``frozen_until``
+        (optimizer steps during which its lr is 0, e.g. DINO's last layer).
         """
         named = [(f"backbone.{n}", p) for n, p in backbone.named_parameters()]
         named += [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
