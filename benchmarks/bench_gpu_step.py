@@ -1,4 +1,4 @@
-"""GPU training-step throughput in bf16: lit_webssl's Web-MAE ViT-L against the MAE reference, in one process.
+"""GPU training-step throughput in bf16: Web-MAE ViT-L against the MAE reference; Web-DINO ViT-L/14 with MFU.
 
 Both sides train the same network on the same synthetic uint8 batches (no data loading): forward under bf16
 autocast, backward, fused AdamW step.
@@ -13,7 +13,12 @@ autocast, backward, fused AdamW step.
 Rounds alternate ours / reference so clock and thermal drift hit both; the script prints images/s, the ratio,
 peak memory and model FLOP utilization (FLOPs counted by ``torch.utils.flop_counter``).
 
+``--objective dino`` times Web-DINO ViT-L/14 with the recipe of ``configs/webdino/vit_l.yaml`` (2 x 224 global +
+8 x 98 local crops, iBOT masks, Sinkhorn-Knopp, KoLeo, ViT-g heads, per-module clipping, fp32 EMA teacher update)
+on synthetic uint8 crops; images/s counts source images (each with its 10 crops).
+
     python benchmarks/bench_gpu_step.py --batch-size 128 --rounds 3 --steps 20
+    python benchmarks/bench_gpu_step.py --objective dino --batch-size 32 --steps 10
 """
 
 from __future__ import annotations
@@ -184,13 +189,85 @@ def trainer_throughput(batch_size: int, steps: int) -> tuple[float, float]:
     return batch_size / per_step, torch.cuda.max_memory_allocated() / 2**30
 
 
+def dino_main(args: argparse.Namespace) -> None:
+    """Web-DINO ViT-L/14 steps: forward (teacher + student) under bf16 autocast, backward, clipping, AdamW, EMA."""
+    from pathlib import Path
+
+    import yaml
+    from lit_webssl.objectives import DINO
+    from lit_webssl.objectives.base import normalize_uint8
+
+    from lit_webssl.presets import build_backbone
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/webdino/vit_l.yaml").read_text())["model"]
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    overrides = {**config["backbone_overrides"], "grad_checkpointing": args.grad_checkpointing}
+    backbone = build_backbone(args.backbone or config["backbone"], overrides, device=device)
+    objective = DINO(**config["objective"]["init_args"])
+    with torch.device(device):
+        objective.configure(backbone)
+    objective.to(device)
+    objective.bind_schedule(args.batch_size, 625_000, "steps")
+    opt = torch.optim.AdamW(objective.param_groups(backbone, 0.04), lr=3.5e-4, betas=(0.9, 0.999), fused=True)
+    views = {v.name: torch.randint(0, 256, (args.batch_size, v.count, 3, v.size, v.size), dtype=torch.uint8,
+                                   device=device) for v in objective.views()}
+
+    def loss_fn(n: int) -> torch.Tensor:
+        batch = {"views": {k: normalize_uint8(v[:n], objective.pixel_mean, objective.pixel_std)
+                           for k, v in views.items()}}
+        return objective(batch, backbone).loss
+
+    def steps(count: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(count):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(args.batch_size)
+            loss.backward()
+            objective.on_before_optimizer_step(backbone, objective.current_step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            objective.current_step += 1
+            objective.on_after_optimizer_step(backbone, objective.current_step)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / count
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_fn(4).backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / 4
+    steps(3)
+    torch.cuda.reset_peak_memory_stats()
+    times = [steps(args.steps) for _ in range(args.rounds)]
+    step = statistics.median(times)
+    rate = args.batch_size / step
+    peak = _peak_flops()
+    mfu = f"{100 * flops * rate / peak:.1f}%" if peak else "n/a"
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; Web-DINO "
+          f"{args.backbone or config['backbone']}, batch {args.batch_size} images x (2 x 224 + 8 x 98 crops), "
+          f"grad checkpointing {args.grad_checkpointing}, {args.rounds} rounds x {args.steps} steps")
+    print(f"  web-dino   {rate:8.1f} img/s  {1000 * step:7.1f} ms/step  {flops / 1e9:7.1f} GFLOP/img  MFU {mfu}  "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB  "
+          f"(rounds: {', '.join(f'{args.batch_size / t:.0f}' for t in times)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--objective", choices=["mae", "dino"], default="mae")
+    parser.add_argument("--backbone", default=None, help="dino: preset instead of the config's (e.g. webdino_1b)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="dino: recompute blocks in backward")
     args = parser.parse_args()
+    if args.objective == "dino":
+        dino_main(args)
+        return
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
