@@ -52,8 +52,8 @@ def test_demo_config_fits_three_steps_and_reports_knn(config, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def _config_with_checkpoint_every(steps: int, path: Path) -> str:
-    config = yaml.safe_load((CONFIGS / "demo" / "mae_tiny.yaml").read_text())
+def _config_with_checkpoint_every(steps: int, path: Path, source: str = "mae_tiny.yaml") -> str:
+    config = yaml.safe_load((CONFIGS / "demo" / source).read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = steps
@@ -63,12 +63,15 @@ def _config_with_checkpoint_every(steps: int, path: Path) -> str:
     return str(path)
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("source", ["mae_tiny.yaml", "dino_tiny.yaml"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(source, tmp_path):
     data = tiny_demo(tmp_path)
-    config = _config_with_checkpoint_every(3, tmp_path / "resume.yaml")
-    main(["fit", "--config", config, *fast_overrides(data, steps=6, run_name="straight")])
-    main(["fit", "--config", config, *fast_overrides(data, steps=3, run_name="resumed")])
-    main(["fit", "--config", config, *fast_overrides(data, steps=6, run_name="resumed"), "--ckpt_path", "last"])
+    config = _config_with_checkpoint_every(3, tmp_path / "resume.yaml", source)
+    # One schedule length for all three runs (it would follow --trainer.max_steps otherwise: 3 vs 6).
+    fixed = ["--model.optim.total", "100"]
+    main(["fit", "--config", config, *fast_overrides(data, steps=6, run_name="straight"), *fixed])
+    main(["fit", "--config", config, *fast_overrides(data, steps=3, run_name="resumed"), *fixed])
+    main(["fit", "--config", config, *fast_overrides(data, steps=6, run_name="resumed"), *fixed, "--ckpt_path", "last"])
     straight = load_weights(Path("runs/straight/checkpoints/last.ckpt"))
     resumed = load_weights(Path("runs/resumed/checkpoints/last.ckpt"))
     assert straight.keys() == resumed.keys()
@@ -90,6 +93,26 @@ def test_bad_input_stops_with_one_clear_line(override, expected, tmp_path):
     data = tiny_demo(tmp_path, n_train=20, n_val=20)
     config = str(CONFIGS / "demo" / "mae_tiny.yaml")
     proc = run_cli("fit", "--config", config, *fast_overrides(data, steps=1), *override)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.objective.init_args.local_crops_number", "0"], "--model.objective.init_args.dino_local_weight"),
+        (["--model.objective.init_args.momentum_teacher", "1.5"],
+         "--model.objective.init_args.momentum_teacher must be in [0, 1]"),
+        (["--model.objective.init_args.local_crop_size", "18"],
+         "--model.objective.init_args.local_crop_size=18 is not divisible by the patch size 4"),
+    ],
+    ids=["local_weight_without_local_crops", "momentum", "local_crop"],
+)
+def test_dino_contradictions_stop_with_one_clear_line(override, expected, tmp_path):
+    data = tiny_demo(tmp_path, n_train=20, n_val=20)
+    proc = run_cli("fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *fast_overrides(data, steps=1),
+                   *override)
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
