@@ -1,6 +1,6 @@
 """Images/s of the Web-DINO multi-crop view pipeline: MDS + uint8 tensor views vs a dinov2-style PIL pipeline.
 
-Every image gives the views of ``DINO().views()``: 2 global crops of 224 px (scale 0.32-1) and 8 local crops of
+Every image gives the views of ``DINOv2().views()``: 2 global crops of 224 px (scale 0.32-1) and 8 local crops of
 98 px (scale 0.05-0.32), each with RandomResizedCrop (bicubic), horizontal flip, ColorJitter(0.4, 0.4, 0.2, 0.1)
 with p 0.8, grayscale p 0.2, Gaussian blur (kernel 9, sigma 0.1-2) with p 1.0 / 0.1 / 0.5 and solarize p 0.2 on the
 second global crop. All pipelines read the very same JPEG bytes (written once into MDS shards and once as an
@@ -46,7 +46,7 @@ import torchvision
 from bench_mae_pipeline import write_sources  # run as a script: benchmarks/ is on sys.path
 from lit_webssl.datamodules import MultiViewStreamingDataset, MultiViewTransform, decode_image
 from lit_webssl.datamodules.loader import ResumableStreamingLoader
-from lit_webssl.objectives import DINO
+from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.base import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from PIL import Image
 from streaming.base.util import clean_stale_shared_memory
@@ -246,7 +246,7 @@ def proposed_transform(specs: Sequence[ViewSpec]) -> MultiViewTransform:
 # -- loaders and measurement -------------------------------------------------------------------------------------
 def loader(kind: str, root: Path, batch_size: int, workers: int, blur_as_coded: bool) -> Iterable:
     """A fresh dataset and loader per measurement (a StreamingDataset is never shared between loaders)."""
-    specs = DINO().views()
+    specs = DINOv2().views()
     if kind == "reference":
         folder = datasets.ImageFolder(str(root / "folder"), transform=DINOv2Augmentation(specs, blur_as_coded))
         return DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers)
@@ -325,7 +325,7 @@ class Timed:
 
 def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[str, dict[str, float]]:
     """ms per image by stage, one thread in this process (as in one loader worker), pipelines interleaved."""
-    specs = DINO().views()
+    specs = DINOv2().views()
     ours, proposed, reference = MultiViewTransform(specs), proposed_transform(specs), DINOv2Augmentation(specs,
                                                                                                      blur_as_coded)
     sinks = {kind: defaultdict(float) for kind in PIPELINES}
@@ -369,7 +369,7 @@ def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[
 
 def max_difference(files: list[bytes], n: int = 50) -> int:
     """Largest |proposed - ours| over all crops of ``n`` images, same seed per image (0 = identical)."""
-    specs = DINO().views()
+    specs = DINOv2().views()
     ours, proposed = MultiViewTransform(specs), proposed_transform(specs)
     worst = 0
     for i, data in enumerate(files[:n]):

@@ -1,10 +1,10 @@
-"""Training-step time of the Web-DINO demo model: our ``DINO`` objective vs a reference built from lightly's losses.
+"""Training-step time of the Web-DINO demo model: our ``DINOv2`` objective vs a reference built from lightly's losses.
 
 One step = forward (EMA teacher on the 2 global crops, student on the masked global crops and the local crops) +
 backward + per-module gradient clipping (3.0) + AdamW + EMA teacher update, on synthetic batches (no data loading)
 of the crops of ``configs/demo/dino_tiny.yaml`` (its backbone, heads and objective settings). Rows:
 
-* ours, Sinkhorn-Knopp: ``DINO(**init_args)`` as the config has it (DINOv2 ViT-g recipe);
+* ours, Sinkhorn-Knopp: ``DINOv2(**init_args)`` as the config has it (DINOv2 ViT-g recipe);
 * ours, centering: the same with ``centering: centering`` (DINO's EMA center), like for like with lightly;
 * lightly: the same backbone (``build_backbone``, same overrides and init), ``DINOv2ProjectionHead`` heads (same
   weights), ``lightly.loss.DINOLoss`` / ``IBOTPatchLoss`` / ``KoLeoLoss`` and ``lightly.models.utils
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from lit_webssl.objectives import DINO
+from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.base import is_no_decay
 from lit_webssl.objectives.masking import sample_ibot_masks
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ def load_model_config() -> dict[str, Any]:
 
 
 def make_batches(init_args: dict[str, Any], patch_size: int, batch_size: int, n: int) -> list[dict[str, Any]]:
-    """``n`` synthetic normalized batches with the config's crops and iBOT masks drawn as ``DINO`` draws them."""
+    """``n`` synthetic normalized batches with the config's crops and iBOT masks drawn as ``DINOv2`` draws them."""
     g, l, n_local = init_args["global_crop_size"], init_args["local_crop_size"], init_args["local_crops_number"]
     grid = g // patch_size
     batches = []
@@ -89,7 +89,7 @@ class OursStep:
         args = {**model["objective"]["init_args"], "centering": centering}
         torch.manual_seed(0)
         self.backbone = build_backbone(model["backbone"], model["backbone_overrides"])
-        self.objective = DINO(**args)
+        self.objective = DINOv2(**args)
         self.objective.configure(self.backbone)
         self.objective.bind_schedule(batch_size, model["max_steps"], "steps")
         optim = model["optim"]

@@ -194,7 +194,7 @@ def dino_main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import yaml
-    from lit_webssl.objectives import DINO
+    from lit_webssl.objectives import DINOv2
     from lit_webssl.objectives.base import normalize_uint8
 
     from lit_webssl.presets import build_backbone
@@ -204,7 +204,7 @@ def dino_main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     overrides = {**config["backbone_overrides"], "grad_checkpointing": args.grad_checkpointing}
     backbone = build_backbone(args.backbone or config["backbone"], overrides, device=device)
-    objective = DINO(**config["objective"]["init_args"])
+    objective = DINOv2(**config["objective"]["init_args"])
     with torch.device(device):
         objective.configure(backbone)
     objective.to(device)

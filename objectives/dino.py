@@ -84,7 +84,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(x, dim=-1, p=2, eps=eps))
 
 
-class DINO(Objective):
+class DINOv2(Objective):
     """Web-DINO = DINOv2: self-distillation from an EMA teacher with DINO (CLS), iBOT (masked patches) and KoLeo.
 
     Defaults are DINOv2's ViT-g recipe that Web-DINO uses (RECIPE 2.2). Schedule lengths (``teacher_temp_warmup``,
@@ -244,7 +244,7 @@ class DINO(Objective):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
-    def train(self, mode: bool = True) -> DINO:
+    def train(self, mode: bool = True) -> DINOv2:
         """Switch the student heads' mode; the teacher always stays in eval mode (no drop path)."""
         super().train(mode)
         if self.teacher is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from contract import ObjectiveContract, fake_batch
-from lit_webssl.objectives import DINO
+from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.masking import sample_ibot_masks
 
 from lit_webssl.errors import ConfigError
@@ -21,9 +21,9 @@ SMALL_HEADS = {"head_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_di
                "ibot_hidden_dim": 32, "ibot_bottleneck_dim": 16}
 
 
-def small_dino(**kwargs) -> DINO:
+def small_dino(**kwargs) -> DINOv2:
     args = {"global_crop_size": 32, "local_crops_number": 2, "local_crop_size": 16, **SMALL_HEADS, **kwargs}
-    return DINO(**args)
+    return DINOv2(**args)
 
 
 def setup(seed: int = 0, layerscale: float | None = 1e-5, **kwargs):
@@ -35,19 +35,19 @@ def setup(seed: int = 0, layerscale: float | None = 1e-5, **kwargs):
 
 
 class TestDINOContract(ObjectiveContract):
-    def make_objective(self, crop_size: int) -> DINO:
+    def make_objective(self, crop_size: int) -> DINOv2:
         return small_dino(global_crop_size=crop_size)
 
 
 def test_views_follow_the_recipe():
-    views = {v.name: v for v in DINO().views()}
+    views = {v.name: v for v in DINOv2().views()}
     assert set(views) == {"global1", "global2", "local"}
     g1, g2, local = views["global1"], views["global2"], views["local"]
     assert (g1.size, g1.scale, g1.blur_p, g1.solarize_p) == (224, (0.32, 1.0), 1.0, 0.0)
     assert (g2.size, g2.blur_p, g2.solarize_p) == (224, 0.1, 0.2)
     assert (local.size, local.count, local.scale, local.blur_p) == (98, 8, (0.05, 0.32), 0.5)
     assert all(v.color_jitter_p == 0.8 and v.grayscale_p == 0.2 and v.hflip_p == 0.5 for v in views.values())
-    assert "local" not in {v.name for v in DINO(local_crops_number=0, dino_local_weight=0).views()}
+    assert "local" not in {v.name for v in DINOv2(local_crops_number=0, dino_local_weight=0).views()}
 
 
 def test_teacher_is_an_eval_copy_without_gradients():
