@@ -6,17 +6,17 @@ with p 0.8, grayscale p 0.2, Gaussian blur (kernel 9, sigma 0.1-2) with p 1.0 / 
 second global crop. All pipelines read the very same JPEG bytes (written once into MDS shards and once as an
 ImageFolder tree by ``bench_mae_pipeline.write_sources``), with the same number of workers and batch size:
 
-* ours: ``MultiViewStreamingDataset`` (``decode_image`` + ``MultiViewTransform``, uint8 ``transforms.v2``) in the
+* ours: ``MultiViewStreamingDataset`` (``decode_image`` + ``MultiViewTransform``: crop and resize with uint8
+  ``transforms.v2``, colour ops on one float copy of each crop, ``lit_webssl.datamodules.photometric``) in the
   ``ResumableStreamingLoader`` that ``WebSSLDataModule`` builds; batches stay uint8.
 * reference: ``ImageFolder`` + PIL decode + torchvision (v1) transforms laid out as dinov2's
   ``data/augmentations.py::DataAugmentationDINO`` (colour ops on PIL images, blur through torchvision's tensor
   kernel, then ``ToTensor`` + ``Normalize``); batches are float. The blur probabilities are the documented ones
   (1.0 / 0.1 / 0.5), as ours; dinov2's code passes ``1 - p`` to ``RandomApply`` (see its GaussianBlur), which
   ``--dinov2-blur-as-coded`` reproduces.
-* proposed (not in ``datamodules/transforms.py`` yet): ours with the photometric ops run on one float32 copy of
-  each crop (integer values 0-255, floored or rounded after every op exactly like the uint8 kernels), a
-  branch-free HSV hue kernel and a separable 9-tap blur. Same random draws as ours; outputs equal ours up to
-  rounding (the max difference is printed).
+* uint8: ours with torchvision's uint8 colour kernels op by op (``MultiViewTransform(specs, photometric="uint8")``,
+  the implementation before the float kernels). Same random draws; outputs equal ours up to rounding (the max
+  difference is printed).
 
 Each repeat runs the pipelines in rotating order over a whole epoch (worker start-up included; "steady" leaves out
 the first batch of each worker); medians are reported. A single-process, single-thread breakdown follows (ms per
@@ -57,7 +57,7 @@ from torchvision.transforms import v2
 
 PIPELINES = {
     "ours": "lit_webssl: MDS + decode_image + v2 uint8",
-    "proposed": "proposed: ours + float colour ops (below)",
+    "uint8": "lit_webssl with torchvision's uint8 colour kernels",
     "reference": "dinov2-style: ImageFolder + PIL",
 }
 
@@ -106,143 +106,6 @@ class DINOv2Augmentation:
         return [self.global1, self.global2, self.local]
 
 
-# -- proposed: the photometric ops of ours on one float copy of each crop ----------------------------------------
-# Float images here hold the integer values 0-255 of the uint8 image; every kernel floors or rounds its result the
-# way torchvision's uint8 kernel truncates or rounds it, so the chain gives what the uint8 chain gives, without a
-# uint8 -> float -> uint8 round trip (and a dispatch through torchvision's kernel registry) per op.
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # hsv -> rgb: channel n takes f((n + 6h) mod 6)
-_TO_UINT8 = (255.0 + 1.0 - 1e-3) / 255.0  # torchvision's float -> uint8 scale (then truncation)
-
-
-def _gray(x: Tensor) -> Tensor:
-    """Luma as torchvision computes it for a uint8 image, floored: ``(..., 3, H, W)`` -> ``(..., 1, H, W)``."""
-    r, g, b = x.unbind(-3)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(-3)
-
-
-def _blend(x: Tensor, y: Tensor, factor: float) -> Tensor:
-    return x.mul(factor).add_(y, alpha=1.0 - factor).clamp_(0.0, 255.0).floor_()
-
-
-def adjust_brightness(x: Tensor, factor: float) -> Tensor:
-    return x.mul(factor).clamp_(0.0, 255.0).floor_()
-
-
-def adjust_contrast(x: Tensor, factor: float) -> Tensor:
-    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(x: Tensor, factor: float) -> Tensor:
-    return _blend(x, _gray(x), factor)
-
-
-def adjust_hue(x: Tensor, factor: float) -> Tensor:
-    """HSV hue rotation (torchvision's hexcone model) without ``aminmax``/``where``/``remainder``, slow on CPU.
-
-    Max and chroma of a pixel are invariant; channel n of the output is ``max - chroma * clamp(min(k, 4 - k), 0,
-    1)`` with ``k = (n + 6 h') mod 6``, ``n`` = 5, 3, 1 for R, G, B (the usual closed form of hsv -> rgb).
-    """
-    r, g, b = x.unbind(-3)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    is_r = (maxc == r).float()
-    is_g = (maxc == g).float().mul_(1.0 - is_r)
-    is_b = 1.0 - is_r - is_g
-    hue6 = is_r * (g - b) + is_g * (b - r + 2.0 * chroma) + is_b * (r - g + 4.0 * chroma)  # 6 h * chroma
-    hue6 = hue6.div_(chroma.clamp(min=1.0)).add_(6.0 * factor)  # grey pixels (chroma 0): any hue, same output
-    k = hue6.unsqueeze(-3) + _HUE_OFFSETS.to(x.device)
-    k = k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp).mul_(_TO_UINT8).floor_()
-
-
-def gaussian_taps(kernel_size: int, sigma: float) -> list[float]:
-    """torchvision's 1-D Gaussian kernel (its 2-D blur kernel is the outer product of two of these)."""
-    half = (kernel_size - 1) * 0.5
-    pdf = torch.exp(-0.5 * (torch.linspace(-half, half, steps=kernel_size) / sigma).pow(2))
-    return (pdf / pdf.sum()).tolist()
-
-
-def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
-    """Reflect-padded separable Gaussian blur as symmetric 1-D taps (= torchvision's 2-D kernel), rounded."""
-    taps = gaussian_taps(kernel_size, sigma)
-    r, (h, w) = kernel_size // 2, x.shape[-2:]
-    padded = torch.nn.functional.pad(x.unsqueeze(0), [r, r, r, r], mode="reflect")[0]
-    rows = padded[..., r:r + w] * taps[r]
-    for i in range(r):
-        rows.add_(padded[..., i:i + w] + padded[..., 2 * r - i:2 * r - i + w], alpha=taps[i])
-    out = rows[..., r:r + h, :] * taps[r]
-    for i in range(r):
-        out.add_(rows[..., i:i + h, :] + rows[..., 2 * r - i:2 * r - i + h, :], alpha=taps[i])
-    return out.round_()
-
-
-class FloatColorJitter(v2.ColorJitter):
-    """``v2.ColorJitter`` (same parameter draws) with the float kernels above."""
-
-    KERNELS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        factors = (params["brightness_factor"], params["contrast_factor"], params["saturation_factor"],
-                   params["hue_factor"])
-        for fn_id in params["fn_idx"].tolist():
-            if factors[fn_id] is not None:
-                inpt = self.KERNELS[fn_id](inpt, factors[fn_id])
-        return inpt
-
-
-class FloatGrayscale(v2.RandomGrayscale):
-    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        return _gray(inpt).expand_as(inpt)
-
-
-class FloatGaussianBlur(v2.GaussianBlur):
-    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        return gaussian_blur(inpt, self.kernel_size[0], params["sigma"][0])
-
-
-class FloatSolarize(v2.RandomSolarize):
-    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        return torch.where(inpt >= self.threshold, 255.0 - inpt, inpt)
-
-
-def to_float(image: Tensor) -> Tensor:
-    return image.float()
-
-
-def to_uint8(image: Tensor) -> Tensor:
-    return image.to(torch.uint8)
-
-
-def _to_float_op(op: Callable) -> Callable:
-    if isinstance(op, v2.RandomApply):
-        return v2.RandomApply([_to_float_op(t) for t in op.transforms], p=op.p)
-    if isinstance(op, v2.ColorJitter):
-        jitter = FloatColorJitter()
-        jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue = (op.brightness, op.contrast,
-                                                                             op.saturation, op.hue)
-        return jitter
-    if isinstance(op, v2.RandomGrayscale):
-        return FloatGrayscale(p=op.p)
-    if isinstance(op, v2.GaussianBlur):
-        return FloatGaussianBlur(op.kernel_size, sigma=op.sigma)
-    if isinstance(op, v2.RandomSolarize):
-        return FloatSolarize(op.threshold, p=op.p)
-    return op
-
-
-def proposed_transform(specs: Sequence[ViewSpec]) -> MultiViewTransform:
-    """``MultiViewTransform(specs)`` with every op after crop + flip on one float32 copy of the crop (views without
-    photometric ops stay as they are)."""
-    transform = MultiViewTransform(specs)
-    for _, view in transform.transforms:
-        n_geometric = 1 + (view.spec.hflip_p > 0)
-        if len(view.ops) > n_geometric:
-            view.ops = (view.ops[:n_geometric] + [to_float] + [_to_float_op(op) for op in view.ops[n_geometric:]]
-                        + [to_uint8])
-    return transform
-
-
 # -- loaders and measurement -------------------------------------------------------------------------------------
 def loader(kind: str, root: Path, batch_size: int, workers: int, blur_as_coded: bool) -> Iterable:
     """A fresh dataset and loader per measurement (a StreamingDataset is never shared between loaders)."""
@@ -250,7 +113,7 @@ def loader(kind: str, root: Path, batch_size: int, workers: int, blur_as_coded: 
     if kind == "reference":
         folder = datasets.ImageFolder(str(root / "folder"), transform=DINOv2Augmentation(specs, blur_as_coded))
         return DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers)
-    views = {"views": specs} if kind == "ours" else {"transform": proposed_transform(specs)}
+    views = {"views": specs} if kind == "ours" else {"transform": MultiViewTransform(specs, photometric="uint8")}
     dataset = MultiViewStreamingDataset(**views, local=str(root / "mds"), split="train", shuffle=True,
                                         batch_size=batch_size)
     return ResumableStreamingLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -326,11 +189,11 @@ class Timed:
 def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[str, dict[str, float]]:
     """ms per image by stage, one thread in this process (as in one loader worker), pipelines interleaved."""
     specs = DINOv2().views()
-    ours, proposed, reference = MultiViewTransform(specs), proposed_transform(specs), DINOv2Augmentation(specs,
-                                                                                                     blur_as_coded)
+    ours, uint8 = MultiViewTransform(specs), MultiViewTransform(specs, photometric="uint8")
+    reference = DINOv2Augmentation(specs, blur_as_coded)
     sinks = {kind: defaultdict(float) for kind in PIPELINES}
     totals: dict[str, float] = defaultdict(float)
-    for kind, transform in (("ours", ours), ("proposed", proposed)):
+    for kind, transform in (("ours", ours), ("uint8", uint8)):
         for _, view in transform.transforms:
             view.ops = [Timed(op, stage(op), sinks[kind]) for op in view.ops]
     for ops in reference.op_lists():
@@ -348,8 +211,8 @@ def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[
         sinks["reference"]["decode"] += time.perf_counter() - start
         reference(image)
 
-    runs = {"ours": lambda d: run_ours(ours, sinks["ours"], d), "proposed": lambda d: run_ours(proposed,
-            sinks["proposed"], d), "reference": run_reference}
+    runs = {"ours": lambda d: run_ours(ours, sinks["ours"], d), "uint8": lambda d: run_ours(uint8,
+            sinks["uint8"], d), "reference": run_reference}
     with single_thread():
         for _ in range(rounds):
             for data in files:
@@ -368,9 +231,9 @@ def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[
 
 
 def max_difference(files: list[bytes], n: int = 50) -> int:
-    """Largest |proposed - ours| over all crops of ``n`` images, same seed per image (0 = identical)."""
+    """Largest |uint8 kernels - ours| over all crops of ``n`` images, same seed per image (0 = identical)."""
     specs = DINOv2().views()
-    ours, proposed = MultiViewTransform(specs), proposed_transform(specs)
+    ours, uint8 = MultiViewTransform(specs), MultiViewTransform(specs, photometric="uint8")
     worst = 0
     for i, data in enumerate(files[:n]):
         image = decode_image(data)
@@ -378,7 +241,7 @@ def max_difference(files: list[bytes], n: int = 50) -> int:
             torch.manual_seed(i)
             a = ours(image)
             torch.manual_seed(i)
-            b = proposed(image)
+            b = uint8(image)
         worst = max(worst, *((a[k].int() - b[k].int()).abs().max().item() for k in a))
     return worst
 
@@ -428,10 +291,10 @@ def report(args: argparse.Namespace, results: dict[str, list[tuple[float, float]
     for kind, name in PIPELINES.items():
         ratio = medians[kind][0] / medians["reference"][0]
         print(f"{name:<46}{medians[kind][0]:>13.1f}{medians[kind][1]:>14.1f}{ratio:>13.2f}x")
-    for kind in ("ours", "proposed"):
+    for kind in ("ours", "uint8"):
         ratio = [a / b for a, b in zip(medians[kind], medians["reference"], strict=True)]
         print(f"ratio {kind} / reference: {ratio[0]:.2f}x (whole epoch), {ratio[1]:.2f}x (steady)")
-    print(f"proposed vs ours, same seeds: max |difference| {worst} (uint8 levels)")
+    print(f"ours (float colour ops) vs uint8 kernels, same seeds: max |difference| {worst} (uint8 levels)")
     if table is None:
         return
     print(f"\nsingle-thread breakdown, ms per image ({args.profile_images} images x 2, interleaved):")

@@ -52,7 +52,8 @@ def test_zero_probability_operations_are_not_built():
     assert [type(op) for op in plain.ops] == [v2.RandomResizedCrop]
     default = ViewTransform(ViewSpec("x", size=32))
     assert [type(op) for op in default.ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
-    assert len(ViewTransform(SPECS[2]).ops) == 6
+    assert len(ViewTransform(SPECS[2]).ops) == 8  # crop, flip, to float, jitter, grayscale, blur, solarize, to uint8
+    assert len(ViewTransform(SPECS[2], photometric="uint8").ops) == 6
 
 
 def test_identity_when_crop_is_whole_image_and_nothing_else_applies():
