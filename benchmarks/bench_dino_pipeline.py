@@ -56,7 +56,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
 PIPELINES = {
-    "ours": "lit_webssl: MDS + decode_image + v2 uint8",
+    "ours": "lit_webssl: MDS + decode_image + v2 + float colour",
     "uint8": "lit_webssl with torchvision's uint8 colour kernels",
     "reference": "dinov2-style: ImageFolder + PIL",
 }
