@@ -32,7 +32,6 @@ import io
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,13 +42,12 @@ from typing import Any
 import PIL
 import torch
 import torchvision
-from bench_mae_pipeline import write_sources  # run as a script: benchmarks/ is on sys.path
+from bench_mae_pipeline import source_tree  # run as a script: benchmarks/ is on sys.path
 from lit_webssl.datamodules import MultiViewStreamingDataset, MultiViewTransform, decode_image
 from lit_webssl.datamodules.loader import ResumableStreamingLoader
 from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.base import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from PIL import Image
-from streaming.base.util import clean_stale_shared_memory
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -258,14 +256,7 @@ def main() -> None:
     parser.add_argument("--dinov2-blur-as-coded", action="store_true",
                         help="reference blurs with p 0 / 0.9 / 0.5, as dinov2's code does (default: documented p)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench_dino_") as tmp:
-        os.environ["TMPDIR"] = tempfile.tempdir = tmp  # Streaming's lock files
-        clean_stale_shared_memory()
-        root = Path(tmp)
-        start = time.perf_counter()
-        mean_bytes = write_sources(root, args.n_images, args.image_size)
-        print(f"wrote {args.n_images} JPEGs of {args.image_size} px (mean {mean_bytes / 1024:.1f} KiB) as MDS and "
-              f"ImageFolder in {time.perf_counter() - start:.1f} s")
+    with source_tree("bench_dino_", args.n_images, args.image_size) as root:
         files = [p.read_bytes() for p in sorted((root / "folder").rglob("*.jpg"))]
         worst = max_difference(files)
         results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in PIPELINES}

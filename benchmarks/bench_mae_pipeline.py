@@ -18,7 +18,8 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,21 @@ def measure(loader: Iterable) -> tuple[float, float]:
     return count / (end - start), steady
 
 
+@contextmanager
+def source_tree(prefix: str, n_images: int, image_size: int) -> Iterator[Path]:
+    """A temporary root holding the same JPEGs as MDS shards (``mds/``) and an ImageFolder (``folder/``), with
+    Streaming's lock files kept inside it; prints what was written."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        os.environ["TMPDIR"] = tempfile.tempdir = tmp  # Streaming's lock files
+        clean_stale_shared_memory()
+        root = Path(tmp)
+        start = time.perf_counter()
+        mean_bytes = write_sources(root, n_images, image_size)
+        print(f"wrote {n_images} JPEGs of {image_size} px (mean {mean_bytes / 1024:.1f} KiB) as MDS and "
+              f"ImageFolder in {time.perf_counter() - start:.1f} s")
+        yield root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-images", type=int, default=2000, help="source images (default: %(default)s)")
@@ -96,14 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each pipeline (default: %(default)s)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench_mae_") as tmp:
-        os.environ["TMPDIR"] = tempfile.tempdir = tmp  # Streaming's lock files
-        clean_stale_shared_memory()
-        root = Path(tmp)
-        start = time.perf_counter()
-        mean_bytes = write_sources(root, args.n_images, args.image_size)
-        print(f"wrote {args.n_images} JPEGs of {args.image_size} px (mean {mean_bytes / 1024:.1f} KiB) as MDS and "
-              f"ImageFolder in {time.perf_counter() - start:.1f} s")
+    with source_tree("bench_mae_", args.n_images, args.image_size) as root:
         results: dict[str, list[tuple[float, float]]] = {"ours": [], "reference": []}
         for _ in range(args.repeats):
             results["ours"].append(measure(ours(root, args.batch_size, args.num_workers)))
