@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_webssl.errors import ConfigError
@@ -131,6 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "data":
             return data_main(argv[1:])
         _cli(argv)
-    except ConfigError as err:
+    except (ConfigError, MisconfigurationException) as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -86,8 +86,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(source, tmp_path):
         (["--model.objective.init_args.crop_size", "30"], "--model.objective.init_args.crop_size=30"),
         (["--data.init_args.local", "no/such/dir"], "--data.local: no dataset directory at no/such/dir"),
         (["--data.init_args.batch_size", "lots"], "batch_size"),
+        (["--trainer.enable_progress_bar", "false"], "enable_progress_bar=False"),
     ],
-    ids=["preset", "crop", "data_dir", "yaml_type"],
+    ids=["preset", "crop", "data_dir", "yaml_type", "lightning_misconfiguration"],
 )
 def test_bad_input_stops_with_one_clear_line(override, expected, tmp_path):
     data = tiny_demo(tmp_path, n_train=20, n_val=20)
