@@ -125,7 +125,8 @@ class DINOv2(Objective):
         layerwise_decay: Layer-wise lr decay (1.0 disables it): block i gets ``decay ** (depth - i)``.
         clip_grad: Max L2 norm of the gradient of each student sub-module (backbone, DINO head, iBOT head);
             ``None`` or 0 disables clipping.
-        color_jitter_p: Probability of colour jitter (0.4, 0.4, 0.2, 0.1) on every crop.
+        color_jitter_p: Probability of colour jitter on every crop.
+        color_jitter: Brightness, contrast, saturation and hue strengths of the colour jitter.
         grayscale_p: Probability of grayscale on every crop.
         solarize_p: Probability of solarization on the second global crop.
         seed: Seed of the iBOT masks; each step draws from ``(seed, step, rank)``, so a resumed run masks as an
@@ -167,6 +168,7 @@ class DINOv2(Objective):
         layerwise_decay: float = 1.0,
         clip_grad: float | None = 3.0,
         color_jitter_p: float = 0.8,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         grayscale_p: float = 0.2,
         solarize_p: float = 0.2,
         seed: int = 0,
@@ -217,7 +219,8 @@ class DINOv2(Objective):
         self.mask_probability, self.mask_ratio_range = mask_probability, (lo, hi)
         self.patch_embed_lr_mult, self.layerwise_decay = patch_embed_lr_mult, layerwise_decay
         self.clip_grad = clip_grad or None
-        self.augment = {"color_jitter_p": color_jitter_p, "grayscale_p": grayscale_p}
+        self.augment = {"color_jitter_p": color_jitter_p, "color_jitter": tuple(color_jitter),
+                        "grayscale_p": grayscale_p}
         self.solarize_p = solarize_p
         self.seed = seed
         ibot_dim = ibot_prototypes if ibot_separate_head else head_prototypes
@@ -252,8 +255,7 @@ class DINOv2(Objective):
         return self
 
     def views(self) -> list[ViewSpec]:
-        common = {"hflip_p": 0.5, "color_jitter_p": self.augment["color_jitter_p"],
-                  "grayscale_p": self.augment["grayscale_p"]}
+        common = {"hflip_p": 0.5, **self.augment}
         views = [
             ViewSpec("global1", self.global_crop_size, scale=self.global_crops_scale, blur_p=1.0, **common),
             ViewSpec("global2", self.global_crop_size, scale=self.global_crops_scale, blur_p=0.1,

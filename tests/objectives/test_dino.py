@@ -47,6 +47,9 @@ def test_views_follow_the_recipe():
     assert (g2.size, g2.blur_p, g2.solarize_p) == (224, 0.1, 0.2)
     assert (local.size, local.count, local.scale, local.blur_p) == (98, 8, (0.05, 0.32), 0.5)
     assert all(v.color_jitter_p == 0.8 and v.grayscale_p == 0.2 and v.hflip_p == 0.5 for v in views.values())
+    assert all(v.color_jitter == (0.4, 0.4, 0.2, 0.1) for v in views.values())
+    strong = DINOv2(color_jitter=(0.8, 0.8, 0.8, 0.5), color_jitter_p=1.0).views()
+    assert all(v.color_jitter == (0.8, 0.8, 0.8, 0.5) and v.color_jitter_p == 1.0 for v in strong)
     assert "local" not in {v.name for v in DINOv2(local_crops_number=0, dino_local_weight=0).views()}
 
 
