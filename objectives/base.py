@@ -164,13 +164,16 @@ class Objective(nn.Module, abc.ABC):
         group carries ``lr_mult`` and ``wd_mult`` that the schedule multiplies in, and may carry ``frozen_until``
         (optimizer steps during which its lr is 0, e.g. DINO's last layer).
         """
-        named = [(f"backbone.{n}", p) for n, p in backbone.named_parameters()]
-        named += [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
-        return split_decay_groups(named, weight_decay)
+        return split_decay_groups(self.optimized_named_parameters(backbone), weight_decay)
 
     def trainable_named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
-        """This objective's own parameters that the optimizer updates (excludes an EMA teacher)."""
+        """This objective's own parameters that the optimizer updates (an EMA teacher has ``requires_grad=False``)."""
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def optimized_named_parameters(self, backbone: VisionTransformer) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter the optimizer updates, named ``backbone.*`` and ``objective.*`` as in the module."""
+        named = [(f"backbone.{n}", p) for n, p in backbone.named_parameters() if p.requires_grad]
+        return named + [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
 
 
 def is_no_decay(name: str, param: Tensor) -> bool:

@@ -396,23 +396,14 @@ class DINOv2(Objective):
     def eval_backbone(self, backbone: VisionTransformer) -> nn.Module:
         return self.teacher["backbone"]
 
-    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, param in self.named_parameters():
-            if param.requires_grad and not name.startswith("teacher."):
-                yield name, param
-
     def param_groups(self, backbone: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
         """DINOv2's groups: lr x ``layerwise_decay ** (depth + 1 - layer_id)`` x ``patch_embed_lr_mult`` on the patch
         embedding, no weight decay on bias/norm/LayerScale/tokens, lr 0 on the prototype layers for the first
         ``freeze_last_layer``."""
         depth = backbone.depth
         frozen_until = self.to_steps(self.freeze_last_layer)
-        named = [(f"backbone.{n}", p) for n, p in backbone.named_parameters()]
-        named += [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
         groups: dict[tuple[float, float, int], dict[str, Any]] = {}
-        for name, param in named:
-            if not param.requires_grad:
-                continue
+        for name, param in self.optimized_named_parameters(backbone):
             lr_mult = self.layerwise_decay ** (depth + 1 - _layer_id(name, depth))
             if ".patch_embed." in name:
                 lr_mult *= self.patch_embed_lr_mult

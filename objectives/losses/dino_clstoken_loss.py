@@ -96,7 +96,49 @@ def ema_center_update_(center: Tensor, teacher_logits: Tensor, momentum: float) 
     center.copy_(torch.where(n > 0, updated, center))
 
 
-class DINOLoss(nn.Module):
+class CenteredTeacherLoss(nn.Module):
+    """What the DINO and iBOT losses share: the student temperature and the teacher's EMA center.
+
+    Buffers:
+        center: ``(1, K)`` fp32, zeros at init; persistent (saved in checkpoints).
+
+    Args:
+        dim: Number of prototypes K.
+        student_temp: Student softmax temperature (0.1 in DINOv2).
+        center_momentum: EMA momentum of the center used by :meth:`softmax_center_teacher`.
+        dim_name: Name of ``dim`` in the subclass's signature, for error messages.
+    """
+
+    center: Tensor
+
+    def __init__(self, dim: int, student_temp: float, center_momentum: float, dim_name: str) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"{dim_name} must be >= 1, got {dim}")
+        if not student_temp > 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, dim), persistent=True)
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """``softmax((t - center) / teacher_temp)`` over K, in fp32: ``(..., K)`` -> ``(..., K)``."""
+        _check_temp(teacher_temp)
+        return F.softmax((teacher_logits.float() - self.center.float()) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """``center <- m * center + (1 - m) * mean(teacher_logits)``, the exact mean over all rows of all ranks.
+
+        ``teacher_logits`` is ``(..., K)``, every leading index a row (a CLS output or a masked token).
+        """
+        ema_center_update_(self.center, teacher_logits, self.center_momentum)
+
+
+class DINOLoss(CenteredTeacherLoss):
     """DINO loss on CLS-token head outputs (DINOv2 ``DINOLoss``), with exact distributed teacher statistics.
 
     Shapes: B rows per view on this rank, K = ``out_dim`` prototypes.
@@ -113,26 +155,9 @@ class DINOLoss(nn.Module):
     applies it lazily at the next :meth:`softmax_center_teacher`); the sequence of centers is the same.
     """
 
-    center: Tensor
-
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
-        if not student_temp > 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        super().__init__(out_dim, student_temp, center_momentum, dim_name="out_dim")
         self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim), persistent=True)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """``softmax((t - center) / teacher_temp)`` over K, in fp32: ``(..., K)`` -> ``(..., K)``."""
-        _check_temp(teacher_temp)
-        return F.softmax((teacher_logits.float() - self.center.float()) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
@@ -142,14 +167,6 @@ class DINOLoss(nn.Module):
         """
         _check_2d("teacher_logits", teacher_logits)
         return sinkhorn_knopp(teacher_logits, teacher_temp, teacher_logits.shape[0], n_iterations)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """``center <- m * center + (1 - m) * mean(teacher_logits)``, the exact mean over all rows of all ranks.
-
-        ``teacher_logits`` is ``(B, K)`` (or ``(..., K)``, every leading index a row).
-        """
-        ema_center_update_(self.center, teacher_logits, self.center_momentum)
 
     def forward(self, student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor]) -> Tensor:
         """Sum over all (student, teacher) pairs of the batch-mean cross-entropy ``-Σ_k p_k log_softmax(s / τ_s)_k``.

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.losses.dino_clstoken_loss import _check_2d, _check_temp, ema_center_update_, sinkhorn_knopp
-from torch import Tensor, nn
+from lit_webssl.objectives.losses.dino_clstoken_loss import CenteredTeacherLoss, _check_2d, sinkhorn_knopp
+from torch import Tensor
 
 
-class iBOTPatchLoss(nn.Module):  # lowercase i: DINOv2's name
+class iBOTPatchLoss(CenteredTeacherLoss):  # lowercase i: DINOv2's name
     """iBOT patch loss on masked tokens (DINOv2 ``iBOTPatchLoss``), with exact distributed teacher statistics.
 
     Args:
@@ -32,26 +32,9 @@ class iBOTPatchLoss(nn.Module):  # lowercase i: DINOv2's name
     means, which differs when ranks hold different numbers of masked tokens) and is applied immediately.
     """
 
-    center: Tensor
-
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if patch_out_dim < 1:
-            raise ValueError(f"patch_out_dim must be >= 1, got {patch_out_dim}")
-        if not student_temp > 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        super().__init__(patch_out_dim, student_temp, center_momentum, dim_name="patch_out_dim")
         self.patch_out_dim = patch_out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, patch_out_dim), persistent=True)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_logits: Tensor, teacher_temp: float) -> Tensor:
-        """``softmax((t - center) / teacher_temp)`` over K, in fp32: ``(M, K)`` (or ``(..., K)``) -> same shape."""
-        _check_temp(teacher_temp)
-        return F.softmax((teacher_patch_logits.float() - self.center.float()) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -78,14 +61,6 @@ class iBOTPatchLoss(nn.Module):  # lowercase i: DINOv2's name
                 f"n_masked_patches ({n_masked_patches}) must equal teacher_logits.shape[0] ({teacher_logits.shape[0]})"
             )
         return sinkhorn_knopp(teacher_logits, teacher_temp, n_masked_patches, n_iterations)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: Tensor) -> None:
-        """``center <- m * center + (1 - m) * mean``, the exact mean over the masked tokens of all ranks.
-
-        ``teacher_patch_logits`` is ``(M, K)`` (or ``(..., K)``, every leading index a token).
-        """
-        ema_center_update_(self.center, teacher_patch_logits, self.center_momentum)
 
     def forward_masked(
         self,
