@@ -1,10 +1,13 @@
-"""The demo set: ten shape classes drawn procedurally (PIL and numpy, no downloads) and written as MDS shards.
+"""The demo set: ten texture classes drawn procedurally (numpy and PIL, no downloads) and written as MDS shards.
 
-The class is the silhouette. Everything else is a nuisance drawn independently of it: foreground and background
-colours, a background gradient with low-frequency colour waves, the shape's position, size (35-80 % of the image),
-rotation and aspect, shading on the shape, 0-2 distractor blobs and sensor noise. Nearest neighbours in pixel space
-therefore match colours and layouts rather than shapes, while an encoder that learned shape from the images alone
-(DINO, MAE) separates the classes, so the kNN probe shows what self-supervision learned.
+The class is the pattern: stripes in three orientations, checkerboard, polka dots, concentric rings, grid, zigzag,
+blotches, crosses. Everything else is a nuisance drawn independently of it: the two colours (any hue, saturation
+and value, kept apart enough to see the pattern), the period (13-25 % of the image side), phase, a small tilt, the
+duty cycle, an illumination gradient and sensor noise. Nearest neighbours in pixel space therefore match colours
+rather than patterns, and a randomly initialized encoder is no better, while an encoder that learned from the images
+alone what stays put under crops and colour changes (DINO) or what continues a pattern (MAE) separates the classes:
+the kNN probe shows what self-supervision learned. The classes are closed under horizontal flips and the patterns
+survive the recipes' crop scales, so no augmentation of a demo config turns one class into another.
 
     python -m lit_webssl data demo --out data/demo      # 10k train + 2k val, 64 px, about 15 s
 """
@@ -21,56 +24,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hourglass", "arrow", "crescent", "heart")
+CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "polka dots",
+           "concentric rings", "grid", "zigzag", "blotches", "crosses")
 HUE_NAMES = ((0.04, "red"), (0.11, "orange"), (0.19, "yellow"), (0.45, "green"), (0.53, "cyan"), (0.71, "blue"),
              (0.81, "purple"), (0.95, "pink"), (1.01, "red"))
 SPLITS = (("train", 0), ("val", 1))
 SHARD_BYTES = 1 << 23
-_ANGLES = np.linspace(0.0, 2.0 * math.pi, 41)[:-1]
-_HEART = np.stack([16 * np.sin(_ANGLES) ** 3, -(13 * np.cos(_ANGLES) - 5 * np.cos(2 * _ANGLES)
-                   - 2 * np.cos(3 * _ANGLES) - np.cos(4 * _ANGLES)) - 2.5], axis=1) / 17.0
-
-
-def _regular(n: int, radius: float = 1.0, start: float = -math.pi / 2) -> np.ndarray:
-    angles = start + np.arange(n) * 2.0 * math.pi / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-
-
-def outline(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
-    """Unit-radius outline of ``kind``: a list of ``(N, 2)`` polygons, the first filled, the others cut out."""
-    if kind in ("circle", "ring", "crescent"):
-        outer = _regular(48)
-        if kind == "circle":
-            return [outer]
-        if kind == "ring":
-            return [outer, _regular(48, rng.uniform(0.45, 0.62))]
-        bite = _regular(48, rng.uniform(0.75, 0.9)) + np.array([rng.uniform(0.35, 0.55), 0.0])
-        return [outer, bite]
-    if kind == "square":
-        return [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.7]
-    if kind == "triangle":
-        return [_regular(3)]
-    if kind == "star":
-        points = _regular(10)
-        points[1::2] *= rng.uniform(0.38, 0.5)
-        return [points]
-    if kind == "cross":
-        t = rng.uniform(0.26, 0.38)
-        arm = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t),
-               (-t, -t)]
-        return [np.array(arm) * 0.95]
-    if kind == "hourglass":
-        w = rng.uniform(0.08, 0.16)
-        return [np.array([[-0.8, -1], [0.8, -1], [w, 0], [0.8, 1], [-0.8, 1], [-w, 0]]) * 0.78]
-    if kind == "arrow":
-        shaft, head = rng.uniform(0.16, 0.26), rng.uniform(0.5, 0.7)
-        return [np.array([[-1, -shaft], [0.15, -shaft], [0.15, -head], [1, 0], [0.15, head], [0.15, shaft],
-                          [-1, shaft]])]
-    if kind == "heart":
-        return [_HEART]
-    raise KeyError(f"unknown shape {kind!r}; choose from {CLASSES}")
+NOISE_STD = (2.0, 10.0)  # range of the per-image sensor noise, in 8-bit levels
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -85,72 +47,80 @@ def colour_name(rgb: np.ndarray) -> str:
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     """A random RGB colour in [0, 255], uniform in hue and spread in saturation and value."""
-    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.15, 1.0), rng.uniform(0.15, 1.0))
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 1.0), rng.uniform(0.15, 1.0))
     return np.array(rgb, dtype=np.float32) * 255.0
-
-
-def _mask(polygons: list[np.ndarray], size: int, ss: int, cx: float, cy: float, radius: float, angle: float,
-          aspect: float) -> np.ndarray:
-    """Anti-aliased float mask ``(size, size)`` of the polygons placed at (cx, cy), drawn at ``ss`` x supersampling."""
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    canvas = Image.new("L", (size * ss, size * ss), 0)
-    draw = ImageDraw.Draw(canvas)
-    for i, poly in enumerate(polygons):
-        pts = (poly * np.array([aspect, 1.0 / aspect])) @ rot.T * radius + np.array([cx, cy])
-        draw.polygon([tuple(p) for p in (pts * ss).tolist()], fill=0 if i else 255)
-    return np.asarray(canvas.reduce(ss), dtype=np.float32)[..., None] * np.float32(1 / 255)
 
 
 @lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates ``(yy, xx)`` in [0, 1), float32."""
-    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    """Pixel-centre coordinates ``(yy, xx)`` in pixels, float32."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     return yy, xx
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Two-colour linear gradient along a random direction plus low-frequency colour waves."""
-    c0, c1 = _colour(rng), _colour(rng)
+def _soft(v: np.ndarray, width: float) -> np.ndarray:
+    """Anti-aliased step: 0 below ``-width / 2``, 1 above ``width / 2``, linear between."""
+    return np.clip(0.5 + v / width, 0.0, 1.0)
+
+
+def ink(kind: str, rng: np.random.Generator, size: int, period: float) -> np.ndarray:
+    """Coverage ``(size, size)`` in [0, 1] of the pattern ``kind`` (1 = foreground colour), repeating every
+    ``period`` pixels, with fresh phase, tilt and shape nuisances."""
     yy, xx = _grid(size)
-    angle = rng.uniform(0, 2 * math.pi)
-    t = (math.cos(angle) * xx + math.sin(angle) * yy)[..., None]
-    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    mix = rng.uniform(0.2, 1.0)
-    image = c0 + mix * (c1 - c0) * t
-    for _ in range(rng.integers(1, 4)):
-        freq, phase, direction = rng.uniform(0.5, 2.5), rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
-        wave = np.sin(2 * math.pi * freq * (math.cos(direction) * xx + math.sin(direction) * yy) + phase)
-        image = image + wave[..., None] * rng.uniform(-35, 35, size=3).astype(np.float32)
-    return image
+    tilt = rng.uniform(-0.12, 0.12)  # radians
+    phase_u, phase_v = rng.uniform(0, 1, size=2)
+    edge = 1.5 / period  # anti-aliasing width, in periods
+    duty = rng.uniform(0.35, 0.6)
+
+    def coords(angle: float) -> tuple[np.ndarray, np.ndarray]:
+        c, s = math.cos(angle), math.sin(angle)
+        return (c * xx + s * yy) / period + phase_u, (-s * xx + c * yy) / period + phase_v
+
+    def bands(t: np.ndarray, width: float = duty) -> np.ndarray:  # periodic bars of ``width`` periods
+        return _soft(width / 2 - np.abs(t - np.floor(t) - 0.5), edge)
+
+    u, v = coords(tilt)
+    if kind == "horizontal stripes":
+        return bands(v)
+    if kind == "vertical stripes":
+        return bands(u)
+    if kind == "diagonal stripes":  # both diagonals: the class is closed under horizontal flips
+        return bands(coords(tilt + math.copysign(math.pi / 4, rng.uniform(-1, 1)))[0])
+    if kind == "checkerboard":
+        return np.clip(0.5 + 0.5 * (2 * bands(u, 0.5) - 1) * (2 * bands(v, 0.5) - 1), 0.0, 1.0)
+    if kind == "polka dots":
+        radius = np.hypot(u - np.floor(u) - 0.5, v - np.floor(v) - 0.5)
+        return _soft(rng.uniform(0.18, 0.3) - radius, edge)
+    if kind == "concentric rings":
+        cx, cy = rng.uniform(0, size, size=2)
+        return bands(np.hypot(xx - cx, yy - cy) / period + phase_u)
+    if kind == "grid":
+        width = rng.uniform(0.12, 0.22)
+        return np.maximum(bands(u, width), bands(v, width))
+    if kind == "zigzag":
+        return bands(v + rng.uniform(0.8, 1.4) * np.abs(u - np.floor(u) - 0.5))
+    if kind == "blotches":  # thresholded smooth noise: a camouflage pattern
+        noise = Image.fromarray(rng.standard_normal((6, 6)).astype(np.float32)).resize((size, size), Image.BICUBIC)
+        noise = np.asarray(noise)
+        return _soft(noise - np.median(noise), 0.15)
+    if kind == "crosses":
+        fu, fv = np.abs(u - np.floor(u) - 0.5), np.abs(v - np.floor(v) - 0.5)
+        arm, thick = rng.uniform(0.25, 0.35), rng.uniform(0.07, 0.11)
+        across = np.minimum(_soft(arm - fu, edge), _soft(thick - fv, edge))
+        down = np.minimum(_soft(arm - fv, edge), _soft(thick - fu, edge))
+        return np.maximum(across, down)
+    raise KeyError(f"unknown pattern {kind!r}; choose from {CLASSES}")
 
 
-def _where(cx: float, cy: float, size: int) -> str:
-    row = "top" if cy < 0.42 * size else "bottom" if cy > 0.58 * size else None
-    col = "left" if cx < 0.42 * size else "right" if cx > 0.58 * size else None
-    if row is None:
-        return f"on the {col}" if col else "in the center"
-    return f"at the {row} {col}" if col else f"at the {row}"
-
-
-def _caption(rng: np.random.Generator, kind: str, fg: str, bg: str, extent: float, where: str) -> str:
-    size_word = "large" if extent > 0.6 else "small" if extent < 0.47 else "medium"
-    article = "an" if kind[0] in "aeiou" else "a"
+def _caption(rng: np.random.Generator, kind: str, fg: str, bg: str, coarse: bool) -> str:
+    scale = "coarse" if coarse else "fine"
     templates = (
-        f"a {size_word} {fg} {kind} on a {bg} background, {where}",
-        f"{where}: one {fg} {kind} over {bg}",
-        f"a picture of {article} {kind} in {fg}, {size_word}, {where}",
-        f"{size_word} {fg} {kind} against {bg}, {where}",
+        f"{fg} {kind} on a {bg} background",
+        f"a {scale} pattern of {fg} {kind} over {bg}",
+        f"{kind} in {fg} and {bg}",
+        f"a photo of {scale} {kind}, {fg} on {bg}",
     )
     return templates[int(rng.integers(len(templates)))]
-
-
-def _foreground(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
-    """A colour drawn independently of the class, redrawn until it stands out from the background."""
-    for _ in range(100):
-        fg = _colour(rng)
-        if np.linalg.norm(fg - background_mean) > 90:
-            break
-    return fg
 
 
 def render(label: int, rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, str]:
@@ -162,30 +132,24 @@ def render(label: int, rng: np.random.Generator, size: int = 64) -> tuple[Image.
         size: Side length in pixels.
 
     Returns:
-        The RGB image and a caption describing it.
+        The RGB image and a caption describing it (pattern, colours, scale).
     """
-    ss = max(1, min(4, 256 // size))  # supersampling of the masks: anti-aliased edges
-    image = _background(rng, size)
-    bg_mean = image.reshape(-1, 3).mean(0)
-    for _ in range(rng.integers(0, 3)):  # distractor blobs (discs or rectangles), behind the shape
-        r = rng.uniform(0.06, 0.13) * size
-        blob = _mask([_regular(16 if rng.integers(2) else 4)], size, ss, rng.uniform(0, size), rng.uniform(0, size),
-                     r, rng.uniform(0, math.pi), rng.uniform(0.7, 1.4))
-        image = image * (1 - blob) + _colour(rng) * blob
-    fg = _foreground(rng, bg_mean)
-    extent = rng.uniform(0.35, 0.8)
-    radius = extent * size / 2
-    cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
-    mask = _mask(outline(CLASSES[label], rng), size, ss, cx, cy, radius, rng.uniform(0, 2 * math.pi),
-                 rng.uniform(0.85, 1.15))
+    kind = CLASSES[label]
+    relative_period = rng.uniform(0.13, 0.25)
+    coverage = ink(kind, rng, size, relative_period * size)[..., None]
+    fg = _colour(rng)
+    for _ in range(100):  # a background colour that differs enough to show the pattern
+        bg = _colour(rng)
+        if np.linalg.norm(fg - bg) > 80:
+            break
+    image = bg + (fg - bg) * coverage
     yy, xx = _grid(size)
-    direction, strength = rng.uniform(0, 2 * math.pi), np.float32(rng.uniform(-0.3, 0.3))
-    shade = 1 + strength * (math.cos(direction) * (xx - 0.5) + math.sin(direction) * (yy - 0.5))
-    image = image * (1 - mask) + (fg * shade[..., None]) * mask
-    image = image + rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(2, 8)
+    direction = rng.uniform(0, 2 * math.pi)
+    ramp = (math.cos(direction) * (xx - size / 2) + math.sin(direction) * (yy - size / 2)) / size  # in [-0.71, 0.71]
+    image = image * (1 + rng.uniform(-0.35, 0.35) * ramp)[..., None]  # illumination gradient
+    image = image + rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(*NOISE_STD)
     picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    caption = _caption(rng, CLASSES[label], colour_name(fg), colour_name(bg_mean), extent, _where(cx, cy, size))
-    return picture, caption
+    return picture, _caption(rng, kind, colour_name(fg), colour_name(bg), relative_period > 0.19)
 
 
 def _encode(picture: Image.Image) -> bytes:

@@ -74,7 +74,7 @@ def test_every_class_renders_at_several_sizes():
 
 
 def test_raw_pixels_do_not_solve_it(tmp_path):
-    """Pixel-space kNN (cosine, k=20) stays far from solving the set: the class is shape, not colour or layout."""
+    """Pixel-space kNN (cosine, k=20) stays far from solving the set: the class is the pattern, not its colours."""
     root = build_demo_dataset(tmp_path / "demo", n_train=1000, n_val=200, image_size=64, seed=0)
     probe = EvalTransform(32)
 
