@@ -1,5 +1,6 @@
 """Callbacks: probes, schedules and run hygiene."""
 
 from lit_webssl.callbacks.knn import KNNProbe
+from lit_webssl.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["KNNProbe"]
+__all__ = ["KNNProbe", "ThroughputMonitor"]

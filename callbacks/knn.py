@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lit_webssl.callbacks.metrics_file import update_metrics_file
 from lit_webssl.objectives.base import normalize_uint8
 from torch import Tensor, nn
 
@@ -158,12 +157,7 @@ class KNNProbe(L.Callback):
             if key in self.results:
                 table.add_row(name, f"{100 * self.results[key]:.2f}%")
         Console().print(table)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / self.metrics_file
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
-        tmp.replace(path)
+        path = update_metrics_file(trainer, self.results, self.metrics_file)
         log.info("kNN metrics written to %s", path)
         for logger in trainer.loggers:
             logger.log_metrics({f"knn/{k}": v for k, v in self.results.items() if k != "step"}, trainer.global_step)

@@ -13,16 +13,31 @@ from helpers import CONFIGS, fast_overrides, load_weights, run_cli, tiny_demo
 from lit_webssl.cli import WebSSLCLI, main
 from lit_webssl.module import LitWebSSL
 
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+COMPARE = CONFIGS / "demo" / "compare"  # blocks: base.yaml + one objective block, composed by repeated --config
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != COMPARE)
+COMPARE_BLOCKS = sorted(p for p in COMPARE.glob("*.yaml") if p.name != "base.yaml")
 DEMO_CONFIGS = sorted((CONFIGS / "demo").glob("*.yaml"))
+
+
+def _parse(*configs: Path) -> WebSSLCLI:
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    cli = WebSSLCLI(LitWebSSL, subclass_mode_data=True, args=args, run=False, plan=True)
+    assert isinstance(cli.model, LitWebSSL)
+    assert cli.datamodule.batch_size > 0
+    assert cli.model.optim.base_lr > 0
+    return cli
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_yaml_parses_with_the_real_cli(config):
-    cli = WebSSLCLI(LitWebSSL, subclass_mode_data=True, args=["--config", str(config)], run=False, plan=True)
-    assert isinstance(cli.model, LitWebSSL)
-    assert cli.datamodule.batch_size > 0
-    assert cli.model.optim.base_lr > 0
+    _parse(config)
+
+
+@pytest.mark.parametrize("block", COMPARE_BLOCKS, ids=lambda p: p.stem)
+def test_every_comparison_block_composes_with_the_shared_block(block):
+    cli = _parse(COMPARE / "base.yaml", block)
+    assert cli.model.backbone_overrides == yaml.safe_load((COMPARE / "base.yaml").read_text())["model"][
+        "backbone_overrides"]  # the objective block does not touch the shared backbone
 
 
 def test_plan_builds_on_meta_and_prints_the_parameter_count(capsys):
