@@ -1,22 +1,25 @@
-"""Command line: ``python -m lit_webssl {fit,validate,plan,data}`` on LightningCLI (jsonargparse).
+"""Command line: ``python -m lit_webssl {fit,validate,plan,data,objectives}`` on LightningCLI (jsonargparse).
 
 ``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
-``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools.
+``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools;
+``objectives`` lists the objectives registered by short name (built-in and plugins, :mod:`lit_webssl.registry`).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
+from lit_webssl.registry import available_objectives, objectives_main, resolve_objective_args
 
 RUNS_DIR = "runs"
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields document themselves in --help
@@ -51,6 +54,18 @@ class WebSSLCLI(LightningCLI):
             "<save_dir>/<run_name>/checkpoints (sets the `name` of every logger).",
         )
         parser.set_defaults({"trainer.logger": _LOGGERS, "trainer.callbacks": _CALLBACKS})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Rewrite objective short names (``--model.objective simclr``, ``class_path: simclr`` in a config) into
+        import paths, then parse as LightningCLI does."""
+        if isinstance(args, (dict, Namespace)):  # parsed already: nothing to rewrite
+            return super().parse_arguments(parser, args)
+        given = list(sys.argv[1:] if args is None else args)
+        if "-h" in given or "--help" in given:
+            available_objectives()  # import the plugins so `--help` lists them among the known subclasses
+        with tempfile.TemporaryDirectory(prefix="lit_webssl_config_") as tmp:
+            resolved = resolve_objective_args(given, Path(tmp))
+            super().parse_arguments(parser, args if resolved == given else resolved)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             return plan_main(argv[1:])
         if argv and argv[0] == "data":
             return data_main(argv[1:])
+        if argv and argv[0] == "objectives":
+            return objectives_main(argv[1:])
         _cli(argv)
     except (ConfigError, MisconfigurationException) as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
