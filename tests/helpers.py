@@ -32,9 +32,9 @@ def fast_overrides(data_dir: Path, steps: int = 3, run_name: str = "test") -> li
     ]
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m lit_webssl ARGS`` in a subprocess (cwd: the test's tmp dir)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m lit_webssl ARGS`` in a subprocess (cwd: the test's tmp dir); ``env`` adds to the environment."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lit_webssl", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
