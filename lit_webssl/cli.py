@@ -1,8 +1,9 @@
-"""Command line: ``python -m lit_webssl {fit,validate,plan,data,objectives}`` on LightningCLI (jsonargparse).
+"""Command line: ``python -m lit_webssl {fit,validate,plan,data,objectives,compare}`` on LightningCLI (jsonargparse).
 
 ``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
 ``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools;
-``objectives`` lists the objectives registered by short name (built-in and plugins, :mod:`lit_webssl.registry`).
+``objectives`` lists the objectives registered by short name (built-in and plugins, :mod:`lit_webssl.registry`);
+``compare`` trains several objectives on one shared config block and tabulates them (:mod:`lit_webssl.compare`).
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
             return data_main(argv[1:])
         if argv and argv[0] == "objectives":
             return objectives_main(argv[1:])
+        if argv and argv[0] == "compare":
+            from lit_webssl.compare import main as compare_main
+
+            code = compare_main(argv[1:])
+            if code:
+                raise SystemExit(code)
+            return None
         _cli(argv)
     except (ConfigError, MisconfigurationException) as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -85,3 +85,12 @@ def test_throughput_counts_images_of_every_rank_after_warmup():
         _batch_images({"caption": ["a"]})
     with pytest.raises(ConfigError, match="warmup_steps"):
         ThroughputMonitor(warmup_steps=-1)
+
+
+def test_the_cli_dispatches_compare_and_bad_input_is_one_line(tmp_path, capsys):
+    from lit_webssl.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compare", "--config", str(tmp_path / "missing.yaml"), "--objectives", "dino"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --config: {tmp_path / 'missing.yaml'} does not exist"
