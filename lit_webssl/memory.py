@@ -136,7 +136,7 @@ def _from_class(cls: type, args: dict[str, Any], label: str) -> StrategySpec:
         SingleDeviceStrategy,
     )
 
-    label = label.rpartition(".")[2] if "." in label else label
+    label = label.rpartition(".")[2]
     if issubclass(cls, DeepSpeedStrategy):  # before DDP: DeepSpeedStrategy subclasses DDPStrategy
         return _deepspeed(args, label)
     if issubclass(cls, FSDPStrategy):
@@ -152,20 +152,29 @@ def _from_class(cls: type, args: dict[str, Any], label: str) -> StrategySpec:
 
 
 def _deepspeed(args: dict[str, Any], label: str) -> StrategySpec:
+    """``DeepSpeedStrategy`` arguments; a ``config`` (dict or JSON path) overrides them as DeepSpeed would."""
     zero = _deepspeed_config(args.get("config")).get("zero_optimization", {})
     stage = int(zero.get("stage", args.get("stage", 2))) if args.get("zero_optimization", True) else 0
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") if "offload_optimizer" in zero else None
-    offload_par = zero.get("offload_param", {}).get("device", "none") if "offload_param" in zero else None
+
+    def setting(key: str, default: Any) -> Any:
+        return zero.get(key, args.get(key, default))
+
     return StrategySpec(
         "deepspeed", label, zero_stage=stage,
-        offload_optimizer=args.get("offload_optimizer", False) if offload_opt is None else offload_opt != "none",
-        offload_parameters=(args.get("offload_parameters", False) if offload_par is None else offload_par != "none")
-        and stage == 3,
-        reduce_bucket=int(zero.get("reduce_bucket_size", args.get("reduce_bucket_size", 200_000_000))),
-        allgather_bucket=int(zero.get("allgather_bucket_size", args.get("allgather_bucket_size", 200_000_000))),
+        offload_optimizer=_offloaded(zero, "offload_optimizer", args.get("offload_optimizer", False)),
+        offload_parameters=stage == 3 and _offloaded(zero, "offload_param", args.get("offload_parameters", False)),
+        reduce_bucket=int(setting("reduce_bucket_size", 200_000_000)),
+        allgather_bucket=int(setting("allgather_bucket_size", 200_000_000)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
-        overlap_comm=bool(zero.get("overlap_comm", args.get("overlap_comm", True))),
+        overlap_comm=bool(setting("overlap_comm", True)),
     )
+
+
+def _offloaded(zero: dict[str, Any], key: str, default: bool) -> bool:
+    """DeepSpeed's ``zero_optimization.<key>.device`` (``cpu``/``nvme`` offload, ``none``), else ``default``."""
+    if key not in zero:
+        return bool(default)
+    return (zero[key] or {}).get("device", "none") not in ("none", None)
 
 
 def _deepspeed_config(config: Any) -> dict[str, Any]:

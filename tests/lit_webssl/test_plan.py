@@ -222,7 +222,8 @@ def test_offload_moves_states_to_host(meta_model):
     for name in ("backbone parameters", "optimizer", "EMA teacher"):
         assert offload[name] == (0.0, plain[name][0])
     assert offload["gradients"] == plain["gradients"]  # ZeRO keeps the bf16 gradient partition on the device
-    opt_only = {"class_path": DS, "init_args": {"stage": 3, "offload_optimizer": True}}
+    opt_only = {"class_path": DS, "init_args": {"config": {"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "none"}}}}}
     partial = _states(estimate_memory(meta_model, BATCH, settings(opt_only, "bf16-mixed", 8)))
     assert partial["optimizer"] == (0.0, plain["optimizer"][0])
     assert partial["backbone parameters"] == plain["backbone parameters"]
