@@ -15,14 +15,16 @@ Batch layout handed to :meth:`Objective.forward` (built by ``lit_webssl.datamodu
 * ``batch["views"][name]``: float tensor ``(B, count, 3, size, size)`` per declared :class:`ViewSpec`, normalized
   with :attr:`Objective.pixel_mean` / :attr:`Objective.pixel_std`;
 * ``batch["label"]``: ``(B,)`` int64, ``-1`` where the data has no label;
-* ``batch["caption"]``: ``list[str]`` when the objective sets :attr:`Objective.needs_text`.
+* ``batch["caption"]``: ``list[str]`` when the objective sets :attr:`Objective.needs_text`;
+* ``batch["text"]``: the captions through the objective's :meth:`Objective.text_transform` (e.g. CLIP's token ids,
+  int64 ``(B, context_length)``), applied per sample in the loader workers, when the objective defines one.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -132,6 +134,11 @@ class Objective(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
         """Compute the total loss and named metrics of one batch."""
+
+    def text_transform(self) -> Callable[[str], Tensor] | None:
+        """A picklable per-sample ``caption -> tensor`` transform (a tokenizer) that the data loaders apply in their
+        workers when :attr:`needs_text` is set, delivering the stacked results as ``batch["text"]``; ``None``: none."""
+        return None
 
     def bind_schedule(self, global_batch: int, total_steps: int, unit: str) -> None:
         """Called by ``LitWebSSL`` once the global batch and the schedule length are known (before training)."""
