@@ -204,7 +204,7 @@ def estimate_memory(model: LitWebSSL, batch_size: int, settings: TrainerSettings
     dt = activation_dtypes(spec, settings.precision, device_type)
     checkpointing = bool(bb.grad_checkpointing) or spec.checkpointing
     items, modelled = objective_activations(objective, bb, batch_size, dt, checkpointing)
-    rows.append(Row("input batch (uint8 + normalized fp32 views)", batch_bytes(objective, batch_size), held=FWD_BWD))
+    rows.append(Row("input batch (uint8 + normalized fp32)", batch_bytes(objective, batch_size), held=FWD_BWD))
     rows += activation_rows(items, _crop_mix(objective, batch_size))
     if dt.name == "autocast":  # fp32 weights cast once per step, kept for backward
         copies = settings.precision.compute_bytes * weight_copies([*bb.modules(), *objective.modules()])
@@ -212,8 +212,8 @@ def estimate_memory(model: LitWebSSL, batch_size: int, settings: TrainerSettings
     plan = MemoryPlan(rows, items, settings, spec, batch_size, checkpointing, dt, modelled)
     if settings.accelerator != "cpu":
         allowance = CONTEXT_GIB * GIB + FRAGMENTATION * plan.peak_device
-        rows.append(Row(f"allowance: CUDA context + NCCL ({CONTEXT_GIB:g} GiB), fragmentation "
-                        f"({FRAGMENTATION:.0%})", allowance))
+        rows.append(Row(f"allowance: CUDA context + NCCL {CONTEXT_GIB:g} GiB, fragmentation {FRAGMENTATION:.0%}",
+                        allowance))
     return plan
 
 
@@ -390,6 +390,12 @@ def parse_plan_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     return args, rest
 
 
+def _console() -> Console:
+    """A console for the table: the terminal's width, or 120 columns when writing to a pipe or file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def plan_main(argv: Sequence[str], make_cli: Callable[[list[str]], Any],
               console: Console | None = None) -> dict[str, Any]:
     """``plan [--devices N] [--nodes M] [--device-memory GIB] [--detail] --config FILE ...``.
@@ -400,8 +406,9 @@ def plan_main(argv: Sequence[str], make_cli: Callable[[list[str]], Any],
             expose ``model``, ``datamodule`` and ``config.trainer``.
         console: Where to print.
     """
+    console = console or _console()
     if "-h" in argv or "--help" in argv:
-        (console or Console()).print(_plan_parser().format_help())
+        console.print(_plan_parser().format_help())
     args, rest = parse_plan_args(argv)
     cli = make_cli(rest)
     settings = trainer_settings(cli.config["trainer"], devices=args.devices, nodes=args.nodes)
