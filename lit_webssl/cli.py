@@ -120,11 +120,10 @@ def _cli(args: list[str], **kwargs: Any) -> WebSSLCLI:
 
 
 def plan_main(argv: list[str]) -> None:
-    """``plan --config FILE``: parse the run's config and print the model's size without allocating it."""
-    from lit_webssl.plan import print_plan
+    """``plan --config FILE [--devices N] [--nodes M] [--device-memory GIB] [--detail]``: per-device memory plan."""
+    from lit_webssl.plan import plan_main as run_plan
 
-    cli = _cli(argv, run=False, plan=True)
-    print_plan(cli.model, cli.datamodule)
+    run_plan(argv, lambda rest: _cli(rest, run=False, plan=True))
 
 
 def data_main(argv: list[str]) -> None:
