@@ -1,8 +1,9 @@
 """MDS shards -> uint8 views: the training dataset, the kNN probe dataset and the Lightning datamodule.
 
 MDS sample schema: ``image`` (``bytes``: encoded JPEG/PNG), optional ``label`` (``int``), optional ``caption``
-(``str``). Splits are subdirectories of the dataset root (``<root>/train``, ``<root>/val``), each with its own
-``index.json``. An undecodable image never stops a run: it is logged once and replaced by the next sample.
+(``str``; also tokenized in the workers when the objective gives a text transform). Splits are subdirectories of the
+dataset root (``<root>/train``, ``<root>/val``), each with its own ``index.json``. An undecodable image never stops a
+run: it is logged once and replaced by the next sample.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class MultiViewStreamingDataset(StreamingDataset):
     """A ``StreamingDataset`` whose samples are the views an objective declares.
 
     Each sample is ``{"views": {name: uint8 (count, 3, S, S)}, "label": int64 scalar (-1 without labels),
-    "index": int, "corrupt": int}`` plus ``"caption": str`` when ``caption_key`` is set. ``corrupt`` counts the
+    "index": int, "corrupt": int}`` plus ``"caption": str`` when ``caption_key`` is set (and ``"text"``, the caption
+    through ``text_transform``, when that is given too). ``corrupt`` counts the
     undecodable samples that were replaced by following ones. Augmentation draws are seeded from
     ``(shuffle_seed, epoch, sample index)``, so a sample's views do not depend on worker count, worker or resume.
 
@@ -96,17 +98,19 @@ class MultiViewStreamingDataset(StreamingDataset):
         image_key: Column holding the encoded image bytes.
         label_key: Column holding an integer label; ``None``: no labels (``-1``).
         caption_key: Column holding a caption string; ``None``: no captions.
+        text_transform: Per-sample ``caption -> tensor`` (e.g. CLIP's tokenizer), output as ``"text"``.
         **kwargs: Passed to ``StreamingDataset`` (``local``, ``remote``, ``split``, ``shuffle``, ``batch_size``...).
     """
 
     def __init__(self, *, views: Sequence[ViewSpec] | None = None, transform: Callable[[Tensor], Any] | None = None,
                  image_key: str = "image", label_key: str | None = "label", caption_key: str | None = None,
-                 **kwargs: Any) -> None:
+                 text_transform: Callable[[str], Any] | None = None, **kwargs: Any) -> None:
         if (views is None) == (transform is None):
             raise ValueError("give exactly one of views and transform")
         super().__init__(**kwargs)
         self.transform = transform if transform is not None else MultiViewTransform(views)
         self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
+        self.text_transform = text_transform
         self._warned: set[int] = set()
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
@@ -118,6 +122,8 @@ class MultiViewStreamingDataset(StreamingDataset):
         out = {"views": views, "label": _label(sample, self.label_key), "index": int(idx), "corrupt": skipped}
         if self.caption_key:
             out["caption"] = str(sample.get(self.caption_key) or "")
+            if self.text_transform is not None:
+                out["text"] = self.text_transform(out["caption"])
         return out
 
 
@@ -212,10 +218,15 @@ class WebSSLDataModule(L.LightningDataModule):
         self.knn_train_samples, self.knn_val_samples = knn_train_samples, knn_val_samples
         self.pin_memory, self.drop_last, self.persistent_workers = pin_memory, drop_last, persistent_workers
         self.views: list[ViewSpec] | None = None
+        self.text_transform: Callable[[str], Any] | None = None
 
     def set_views(self, views: Sequence[ViewSpec]) -> None:
         """Set the crops to produce (otherwise taken from the attached module's ``objective.views()``)."""
         self.views = list(views)
+
+    def set_text_transform(self, transform: Callable[[str], Any] | None) -> None:
+        """Set the per-sample caption transform (otherwise the attached objective's ``text_transform()``)."""
+        self.text_transform = transform
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_split(self, split: str, flag: str) -> None:
@@ -234,7 +245,8 @@ class WebSSLDataModule(L.LightningDataModule):
         columns = LocalDataset(self.local, split).shards[0].column_names
         for key_flag, key in (("--data.image_key", self.image_key), ("--data.caption_key", self.caption_key)):
             if key is not None and key not in columns:
-                raise DataConfigError(f"{key_flag}: split {split!r} at {root} has no column {key!r} ({columns})")
+                raise DataConfigError(f"{key_flag}: split {split!r} has no column {key!r} in its MDS index {index} "
+                                      f"(columns: {', '.join(columns)})")
 
     def setup(self, stage: str | None = None) -> None:
         """Check the splits and columns, and take the views from the attached objective unless set."""
@@ -246,8 +258,13 @@ class WebSSLDataModule(L.LightningDataModule):
         objective = getattr(self.trainer.lightning_module, "objective", None) if self.trainer is not None else None
         if self.views is None and objective is not None:
             self.set_views(objective.views())
-        if objective is not None and getattr(objective, "needs_text", False) and self.caption_key is None:
-            raise DataConfigError(f"--data.caption_key: {type(objective).__name__} needs captions; name the column")
+        if objective is not None and getattr(objective, "needs_text", False):
+            if self.caption_key is None:
+                raise DataConfigError(f"--data.caption_key: {type(objective).__name__} needs captions; name the "
+                                      f"caption column of the data at {self.local}")
+            make_transform = getattr(objective, "text_transform", None)
+            if self.text_transform is None and callable(make_transform):
+                self.set_text_transform(make_transform())
 
     # -- training and validation ------------------------------------------------------------------------------
     def _stream_loader(self, split: str, shuffle: bool, drop_last: bool) -> StreamingDataLoader:
@@ -255,8 +272,8 @@ class WebSSLDataModule(L.LightningDataModule):
             raise DataConfigError("--data: no views set; attach the datamodule to a trainer or call set_views()")
         dataset = MultiViewStreamingDataset(
             views=self.views, image_key=self.image_key, label_key=self.label_key, caption_key=self.caption_key,
-            local=self.local, remote=self.remote, split=split, shuffle=shuffle, shuffle_seed=self.shuffle_seed,
-            batch_size=self.batch_size,
+            text_transform=self.text_transform, local=self.local, remote=self.remote, split=split, shuffle=shuffle,
+            shuffle_seed=self.shuffle_seed, batch_size=self.batch_size,
         )
         return ResumableStreamingLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=drop_last,

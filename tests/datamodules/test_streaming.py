@@ -67,6 +67,19 @@ def test_views_come_from_the_attached_objective_and_text_needs_captions(demo_roo
         dm.setup("fit")
 
 
+def test_the_objectives_text_transform_runs_in_the_workers(demo_root):
+    from lit_webssl.objectives import CLIP
+
+    objective = CLIP(crop_size=24, context_length=20)
+    dm = WebSSLDataModule(str(demo_root), batch_size=8, num_workers=1, pin_memory=False, caption_key="caption")
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=objective))
+    dm.setup("fit")
+    for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
+        assert batch["text"].shape == (8, 20) and batch["text"].dtype == torch.int64
+        assert torch.equal(batch["text"], objective.tokenizer.batch(batch["caption"]))
+        assert (batch["text"][:, 0] == 49406).all()  # SOT
+
+
 def test_views_of_a_sample_do_not_depend_on_workers(demo_root):
     seen = {}
     for workers in (0, 2):
