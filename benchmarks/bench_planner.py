@@ -19,7 +19,6 @@ update) on one device; ``torch.cuda.max_memory_allocated`` against the planner's
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ import yaml
 from lit_webssl.objectives.base import normalize_uint8
 from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from lit_webssl.activations import saved_tensor_bytes
+from lit_webssl.activations import HostPeak, saved_tensor_bytes
 from lit_webssl.memory import parse_precision, parse_strategy
 from lit_webssl.module import LitWebSSL
 from lit_webssl.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory
@@ -94,30 +92,6 @@ def saved_case(objective: str, shape: dict[str, Any], precision: str) -> tuple[i
     return estimate + (plan.row("autocast copies").device if mixed else 0), measured
 
 
-class MallocPeak(TorchDispatchMode):
-    """glibc's bytes in use (arena + mmapped chunks), sampled after every aten op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.libc = ctypes.CDLL("libc.so.6")
-        self.libc.mallinfo2.restype = MallInfo2
-        self.peak = 0
-
-    def in_use(self) -> int:
-        info = self.libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.in_use())
-        return out
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def peak_case(checkpointing: bool) -> tuple[float, int]:
     """(estimate, measured) CPU peak bytes of forward + backward from no gradients, fp32 DINO."""
     model = tiny("dino", ffn="swiglu", width=96, depth=3, size=48, grad_checkpointing=checkpointing)
@@ -129,7 +103,7 @@ def peak_case(checkpointing: bool) -> tuple[float, int]:
     step()
     model.zero_grad(set_to_none=True)
     gc.collect()
-    mode = MallocPeak()
+    mode = HostPeak()
     base = mode.in_use()
     with mode:
         step()

@@ -22,6 +22,7 @@ Shapes: B images per device, N tokens of a crop (CLS + patches), D width, K prot
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from timm.layers import GluMlp, Mlp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -371,3 +373,39 @@ def saved_tensor_bytes(step: Callable[[], object], exclude: Iterable[torch.Tenso
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(storages.values())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def has_mallinfo2() -> bool:
+    """Whether glibc >= 2.33's ``mallinfo2`` is there to measure host peaks with :class:`HostPeak`."""
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+class HostPeak(TorchDispatchMode):
+    """Peak of glibc's bytes in use (``mallinfo2``: arena + mmapped chunks), sampled after every aten op.
+
+    Use as a context manager around CPU work; ``peak - in_use()`` taken before is what the work added.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.libc = ctypes.CDLL("libc.so.6")
+        self.libc.mallinfo2.restype = _MallInfo2
+        self.peak = 0
+
+    def in_use(self) -> int:
+        """glibc's bytes in use now."""
+        info = self.libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out

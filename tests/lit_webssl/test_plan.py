@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import io
 import re
@@ -14,9 +13,8 @@ import torch
 from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
 from rich.console import Console
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from lit_webssl.activations import saved_tensor_bytes
+from lit_webssl.activations import HostPeak, has_mallinfo2, saved_tensor_bytes
 from lit_webssl.cli import WebSSLCLI
 from lit_webssl.errors import ConfigError
 from lit_webssl.memory import parse_precision, parse_strategy
@@ -113,38 +111,7 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_block():
     assert checkpointed.peak_device < plain.peak_device
 
 
-class _MallocPeak(TorchDispatchMode):
-    """Samples glibc's bytes in use (``mallinfo2``: arena + mmapped chunks) after every aten op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.libc = ctypes.CDLL("libc.so.6")
-        self.libc.mallinfo2.restype = _MallInfo2
-        self.peak = 0
-
-    def in_use(self) -> int:
-        info = self.libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.in_use())
-        return out
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2) to measure CPU peaks")
+@pytest.mark.skipif(not has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2) to measure CPU peaks")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_cpu_peak_of_forward_and_backward_agrees(checkpointing):
     """The planner's activations + gradients against the measured peak of a real fp32 step on the CPU (all
@@ -158,7 +125,7 @@ def test_cpu_peak_of_forward_and_backward_agrees(checkpointing):
     step()  # warm up the allocator, then measure a step from no gradients (set_to_none, as Lightning does)
     model.zero_grad(set_to_none=True)
     gc.collect()
-    mode = _MallocPeak()
+    mode = HostPeak()
     base = mode.in_use()
     with mode:
         step()
