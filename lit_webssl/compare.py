@@ -106,10 +106,15 @@ def markdown(rows: list[Row], base: Path, overrides: list[str]) -> str:
     """The comparison as a markdown table, with the shared baselines and settings under it."""
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
-    done = next((r for r in rows if r.knn_top1_pixel is not None), None)
-    if done is not None:
-        lines.append(f"\nBaselines on the same probe: pixels {100 * done.knn_top1_pixel:.2f} %, random-init encoder "
-                     f"{100 * (done.knn_top1_random_init or 0):.2f} %.")
+    baselines = {r.objective: (r.knn_top1_pixel, r.knn_top1_random_init) for r in rows if r.knn_top1_pixel is not None}
+    if len(set(baselines.values())) == 1:
+        pixel, random_init = next(iter(baselines.values()))
+        lines.append(f"\nBaselines on the same probe: pixels {100 * pixel:.2f} %, random-init encoder "
+                     f"{100 * (random_init or 0):.2f} %.")
+    elif baselines:  # objectives that normalize pixels differently (CLIP: OpenAI's mean/std) see other baselines
+        lines.append("\nBaselines on the same probe, per objective (their pixel normalizations differ): " + "; ".join(
+            f"{name} pixels {100 * p:.2f} %, random init {100 * (r or 0):.2f} %" for name, (p, r) in baselines.items()
+        ) + ".")
     kinds = sorted({r.peak_memory_kind for r in rows if r.peak_memory_kind})
     if kinds:
         lines.append(f"Peak memory: {', '.join(kinds)} (largest rank). Wall time: the whole `fit` process.")

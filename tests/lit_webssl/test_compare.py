@@ -94,3 +94,14 @@ def test_the_cli_dispatches_compare_and_bad_input_is_one_line(tmp_path, capsys):
         cli_main(["compare", "--config", str(tmp_path / "missing.yaml"), "--objectives", "dino"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --config: {tmp_path / 'missing.yaml'} does not exist"
+
+
+def test_table_lists_baselines_per_objective_only_when_they_differ():
+    from lit_webssl.compare import Row, markdown
+
+    same = [Row("a", "a.yaml", None, 0, 1.0, 0.5, 0.3, 0.1), Row("b", "b.yaml", None, 0, 1.0, 0.6, 0.3, 0.1)]
+    assert "pixels 30.00 %, random-init encoder 10.00 %." in markdown(same, BASE, [])
+    other = [*same, Row("clip", "clip.yaml", None, 0, 1.0, 0.7, 0.31, 0.12)]
+    table = markdown(other, BASE, ["--trainer.max_steps", "5"])
+    assert "per objective" in table and "clip pixels 31.00 %, random init 12.00 %" in table
+    assert "overrides: `--trainer.max_steps 5`" in table
