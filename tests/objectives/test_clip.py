@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from contract import fake_batch
-from helpers import CONFIGS, fast_overrides, load_weights, run_cli, tiny_demo
+from helpers import CONFIGS, fast_overrides, free_port, load_weights, run_cli, tiny_demo
 from lit_webssl.datamodules import DataConfigError, WebSSLDataModule
 from lit_webssl.datamodules.demo import render
 from lit_webssl.objectives import CLIP
@@ -349,15 +349,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "ranks.pt")
     loss, grads = _loss_and_grads(0, N)
     assert "logit_scale" in grads and any(k.startswith("text.") for k in grads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from contract import ObjectiveContract, fake_batch
+from helpers import free_port
 from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.masking import sample_ibot_masks
 
@@ -243,16 +243,11 @@ def _worker(rank: int, port: int, centering: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(centering, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), centering, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), centering, str(tmp_path)), nprocs=2, join=True)
     ranks = torch.load(tmp_path / "ranks.pt")
     loss, grads, center = _loss_and_grads(centering, 0, 2 * B)
     torch.testing.assert_close(ranks["loss"], loss, rtol=0, atol=1e-5)

@@ -7,7 +7,6 @@ M masked tokens, n_images images with N patches each.
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,16 +363,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_match_single_process(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(world)]
     x = _inputs()
     ref = _compute(x, _MASKS, int(_MASKS.sum()))
