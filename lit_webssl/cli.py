@@ -126,16 +126,24 @@ def plan_main(argv: list[str]) -> None:
     run_plan(argv, lambda rest: _cli(rest, run=False, plan=True))
 
 
-def data_main(argv: list[str]) -> None:
-    """``data demo [--out DIR] ...``: dataset tools."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lit_webssl data {demo} [options]\n  demo: build the demo dataset as MDS shards")
-        return
-    if argv[0] != "demo":
-        raise SystemExit(f"error: unknown data command {argv[0]!r}; choose from: demo")
-    from lit_webssl.datamodules.demo import main as demo_main
+DATA_COMMANDS = {
+    "demo": ("lit_webssl.datamodules.demo", "build the demo dataset as MDS shards"),
+    "convert": ("lit_webssl.datamodules.convert", "image folder / webdataset tars / parquet -> MDS (local or remote)"),
+    "filter": ("lit_webssl.datamodules.filter", "score text density and write the kept subset as MDS"),
+}
 
-    demo_main(argv[1:])
+
+def data_main(argv: list[str]) -> None:
+    """``data {demo,convert,filter} ...``: dataset tools, each a module with a ``main(argv)``."""
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {name}: {text}" for name, (_, text) in DATA_COMMANDS.items()]
+        print(f"usage: python -m lit_webssl data {{{','.join(DATA_COMMANDS)}}} [options]\n" + "\n".join(lines))
+        return
+    if argv[0] not in DATA_COMMANDS:
+        raise SystemExit(f"error: unknown data command {argv[0]!r}; choose from: {', '.join(DATA_COMMANDS)}")
+    import importlib
+
+    importlib.import_module(DATA_COMMANDS[argv[0]][0]).main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
