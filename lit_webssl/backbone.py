@@ -10,6 +10,7 @@ over 1 + grid, a learned ``mask_token`` for iBOT, pre-norm blocks, final LayerNo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import lru_cache, partial
 from typing import Literal
 
@@ -190,6 +191,36 @@ class VisionTransformer(nn.Module):
             self.pos_embed, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens, antialias=False
         )
 
+    def resample_pos_embed(self, grid: int) -> None:
+        """Permanently change the native grid to ``grid x grid``: ``pos_embed`` becomes a new ``Parameter``.
+
+        A learned table is resampled with the interpolation :meth:`pos_embed_for` applies on the fly (timm's bicubic
+        ``resample_abs_pos_embed``, no antialias), so at the new native size the network computes exactly what it
+        computed before; a sin-cos table is recomputed. The CLS row is kept. ``patch_embed``'s nominal image size
+        follows (probes read the native size from it). Whoever holds the old parameter (an optimizer, a DDP
+        wrapper) must be updated by the caller; see :mod:`lit_webssl.callbacks.resolution`.
+
+        Args:
+            grid: Side of the new patch grid (``img_size // patch_size``), >= 1.
+        """
+        if grid < 1:
+            raise ConfigError(f"position-embedding grid must be >= 1, got {grid}")
+        if grid == self.grid_size:
+            return
+        old = self.pos_embed
+        if hasattr(old, "ds_id") or hasattr(old, "device_mesh"):  # ZeRO-3 partition / FSDP2 DTensor
+            raise ConfigError(
+                "cannot change the grid of a sharded position embedding (ZeRO-3 / FSDP2): build the model at the "
+                "stage's --model.backbone_overrides.img_size instead (docs/resolution.md)"
+            )
+        with torch.no_grad():
+            table = self.pos_embed_for(grid, grid).detach().clone()
+        self.pos_embed = nn.Parameter(table, requires_grad=old.requires_grad)
+        size = grid * self.patch_size
+        self.patch_embed.img_size = (size, size)
+        self.patch_embed.grid_size = (grid, grid)
+        self.patch_embed.num_patches = grid * grid
+
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None, keep_idx: Tensor | None = None) -> Tensor:
         """Patchify, apply mask tokens, add positions, keep a subset (MAE), prepend CLS: ``(B, 1 + N|K, D)``."""
         _, _, h, w = x.shape
@@ -230,3 +261,34 @@ def check_img_size(size: int, patch_size: int, flag: str) -> None:
     """Raise a one-line error naming ``flag`` when ``size`` is not a positive multiple of ``patch_size``."""
     if size <= 0 or size % patch_size:
         raise ConfigError(f"{flag}={size} is not divisible by the patch size {patch_size}")
+
+def match_pos_embed_grids(root: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Give every :class:`VisionTransformer` under ``root`` the position-embedding grid ``state_dict`` stores.
+
+    Called before loading a checkpoint taken at another native resolution (a high-res stage), so the shapes match;
+    the loaded values then replace the resampled ones. Keys are ``root``'s own names (``backbone.pos_embed``,
+    ``objective.teacher.backbone.pos_embed``); ViTs without an entry are left alone.
+
+    Returns:
+        The keys whose grid changed.
+    """
+    changed = []
+    for name, module in root.named_modules():
+        if not isinstance(module, VisionTransformer):
+            continue
+        key = f"{name}.pos_embed" if name else "pos_embed"
+        stored = state_dict.get(key)
+        if stored is None or tuple(stored.shape) == tuple(module.pos_embed.shape):
+            continue
+        module.resample_pos_embed(grid_of(stored, module.num_prefix_tokens, key))
+        changed.append(key)
+    return changed
+
+
+def grid_of(pos_embed: Tensor, num_prefix_tokens: int = 1, name: str = "pos_embed") -> int:
+    """Side of the square patch grid of a ``(1, prefix + grid**2, D)`` position-embedding table."""
+    tokens = pos_embed.shape[-2] - num_prefix_tokens
+    grid = math.isqrt(max(tokens, 0))
+    if tokens < 1 or grid * grid != tokens:
+        raise ConfigError(f"{name}: {tokens} patch positions do not form a square grid")
+    return grid

@@ -144,6 +144,15 @@ class Objective(nn.Module, abc.ABC):
         """Called by ``LitWebSSL`` once the global batch and the schedule length are known (before training)."""
         self.global_batch, self.total_steps, self.schedule_unit = global_batch, total_steps, unit
 
+
+    def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
+        """Change the crop sizes this objective asks for (a stage of ``ProgressiveResolution``); the caller then
+        re-reads :meth:`views` and rebuilds the loaders. ``global_size`` is the side of the main crops (the native
+        resolution of the stage), ``local_size`` that of the small crops of multi-crop objectives (``None``: keep).
+        Sizes are checked against the patch size by the caller. The default raises: an objective opts in by
+        overriding it.
+        """
+        raise ConfigError(f"{type(self).__name__} does not support resolution stages (it defines no set_resolution)")
     def to_steps(self, value: int) -> int:
         """A schedule length given in :attr:`schedule_unit` (steps or samples seen), in optimizer steps."""
         return int(value) if self.schedule_unit == "steps" else math.ceil(value / self.global_batch)

@@ -266,6 +266,12 @@ class DINOv2(Objective):
                                   scale=self.local_crops_scale, blur_p=0.5, **common))
         return views
 
+
+    def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
+        """Global crops of ``global_size``; local crops of ``local_size`` (``None`` keeps them)."""
+        self.global_crop_size = global_size
+        if local_size is not None:
+            self.local_crop_size = local_size
     # -- schedules ----------------------------------------------------------------------------------------------
     def teacher_temp_at(self, step: int) -> float:
         """Linear warmup ``warmup_teacher_temp -> teacher_temp``, then constant."""

@@ -138,6 +138,12 @@ class MAE(Objective):
     def views(self) -> list[ViewSpec]:
         return [ViewSpec("image", size=self.crop_size, scale=self.crop_scale, hflip_p=self.hflip_p)]
 
+
+    def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
+        """Training crops of ``global_size``; this objective has no local crops, so ``local_size`` must be ``None``."""
+        if local_size is not None:
+            raise ConfigError(f"{type(self).__name__} has no local crops; leave the stage's local_crop_size unset")
+        self.crop_size = global_size
     def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
         images = batch["views"]["image"][:, 0]  # B 3 H W
         b, _, h, w = images.shape
