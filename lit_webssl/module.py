@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_webssl.backbone import VisionTransformer
+from lit_webssl.backbone import VisionTransformer, match_pos_embed_grids
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
@@ -47,6 +47,7 @@ class LitWebSSL(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.backbone: VisionTransformer | None = None
         self.schedule: StepSchedule | None = None
+        self.lr_scale = 1.0  # multiplies the scheduled lr (a resolution stage's lr_scale)
         self.save_hyperparameters(
             {"backbone": backbone, "backbone_overrides": self.backbone_overrides, "optim": asdict(self.optim),
              "objective": type(objective).__name__}
@@ -81,6 +82,13 @@ class LitWebSSL(L.LightningModule):
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
         )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads the weights, give every ViT the position-embedding grid the checkpoint stores (a
+        checkpoint taken in a high-resolution stage carries 27 x 27 positions at 378 px, 37 x 37 at 518 px)."""
+        state = checkpoint.get("state_dict")
+        if state:
+            match_pos_embed_grids(self, state)
+
     # -- steps ------------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalize uint8 views on the device (the loaders ship uint8 to save host memory and bandwidth)."""
@@ -91,7 +99,7 @@ class LitWebSSL(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step
-        lr, wd = self.schedule.lr(step), self.schedule.weight_decay(step)
+        lr, wd = self.schedule.lr(step) * self.lr_scale, self.schedule.weight_decay(step)
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = 0.0 if step < group.get("frozen_until", 0) else lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
