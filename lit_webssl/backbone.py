@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import init_module_tree
 
 FFN = Literal["mlp", "swiglu"]
 
@@ -151,25 +152,34 @@ class VisionTransformer(nn.Module):
         """Side of the native patch grid stored in ``pos_embed``."""
         return math.isqrt(self.pos_embed.shape[1] - self.num_prefix_tokens)
 
-    def init_weights(self) -> None:
-        """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init."""
-        if self.pos_embed_kind == "sincos":
-            with torch.no_grad():
-                self.pos_embed[0, 1:].copy_(sincos_pos_embed(self.embed_dim, self.grid_size, self.grid_size))
-                self.pos_embed[0, :1].zero_()
-        else:
-            trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.zeros_(self.mask_token)
-        if self.weight_init == "xavier":
-            nn.init.normal_(self.cls_token, std=0.02)
-            w = self.patch_embed.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        else:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(self._init_module)
+    def init_weights(self, materialize: bool = False) -> None:
+        """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init.
 
-    def _init_module(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        Runs module by module (:func:`lit_webssl.parallel.init_module_tree`), so it also initializes a model built
+        partitioned under ZeRO-3 (each submodule gathered in turn) or sharded by FSDP2 (on its shards).
+
+        Args:
+            materialize: The parameters hold garbage (a meta-device build moved to real memory with ``to_empty``):
+                also run the constructors' own init (``reset_parameters``: patch-embedding conv, LayerScale).
+        """
+        init_module_tree(self, partial(self._init_module, materialize=materialize))
+
+    def _init_module(self, module: nn.Module, materialize: bool = False) -> None:
+        if materialize and module is not self and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()  # constructor init first, as in an ordinary build; then the recipe's
+        if module is self:
+            if self.pos_embed_kind == "sincos":
+                with torch.no_grad():
+                    self.pos_embed[0, 1:].copy_(sincos_pos_embed(self.embed_dim, self.grid_size, self.grid_size))
+                    self.pos_embed[0, :1].zero_()
+            else:
+                trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.zeros_(self.mask_token)
+            nn.init.normal_(self.cls_token, std=0.02 if self.weight_init == "xavier" else 1e-6)
+        elif module is self.patch_embed.proj and self.weight_init == "xavier":
+            w = module.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        elif isinstance(module, nn.Linear):
             if self.weight_init == "xavier":
                 nn.init.xavier_uniform_(module.weight)
             else:
@@ -261,6 +271,7 @@ def check_img_size(size: int, patch_size: int, flag: str) -> None:
     """Raise a one-line error naming ``flag`` when ``size`` is not a positive multiple of ``patch_size``."""
     if size <= 0 or size % patch_size:
         raise ConfigError(f"{flag}={size} is not divisible by the patch size {patch_size}")
+
 
 def match_pos_embed_grids(root: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
     """Give every :class:`VisionTransformer` under ``root`` the position-embedding grid ``state_dict`` stores.

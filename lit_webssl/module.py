@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,7 @@ from lit_webssl.backbone import VisionTransformer, match_pos_embed_grids
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
+from lit_webssl.parallel import apply_fsdp2, fsdp2_mesh, strategy_family
 from lit_webssl.presets import PRESETS, build_backbone
 
 
@@ -29,6 +31,8 @@ class LitWebSSL(L.LightningModule):
         backbone_overrides: Backbone constructor arguments that replace the preset's (e.g. ``drop_path_rate``,
             ``img_size``, ``grad_checkpointing``).
         optim: Optimizer and learning-rate / weight-decay schedule.
+        activation_checkpointing: Recompute each backbone block in the backward pass (saves activation memory for
+            about a third more compute); the switch that strategy configs set (``configs/strategy/``).
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class LitWebSSL(L.LightningModule):
         backbone: str = "vit_debug",
         backbone_overrides: dict[str, Any] | None = None,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 - a nested config group for jsonargparse
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in PRESETS:
@@ -44,6 +49,8 @@ class LitWebSSL(L.LightningModule):
         self.objective = objective
         self.backbone_name = backbone
         self.backbone_overrides = dict(backbone_overrides or {})
+        if activation_checkpointing:
+            self.backbone_overrides["grad_checkpointing"] = True
         self.optim = optim or OptimConfig()
         self.backbone: VisionTransformer | None = None
         self.schedule: StepSchedule | None = None
@@ -59,10 +66,30 @@ class LitWebSSL(L.LightningModule):
         return build_backbone(self.backbone_name, self.backbone_overrides, device=device)
 
     def configure_model(self) -> None:
+        """Build backbone and objective for the strategy in use (:mod:`lit_webssl.parallel`).
+
+        Replicated strategies build them whole. Under ZeRO-3 Lightning calls this inside ``deepspeed.zero.Init``, so
+        every submodule is partitioned as it is built. Under FSDP2 they are built on the meta device, sharded per
+        block, then materialized and initialized on each rank's shards. No strategy holds the whole model on a rank.
+        """
         if self.backbone is not None:
             return
-        self.backbone = self.build_backbone()
-        self.objective.configure(self.backbone)
+        self.objective.backbone_factory = partial(build_backbone, self.backbone_name, self.backbone_overrides)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy_family(strategy) != "fsdp2":
+            self.backbone = self.build_backbone()
+            self.objective.configure(self.backbone)
+            return
+        with torch.device("meta"):
+            self.backbone = self.build_backbone()
+            self.objective.configure(self.backbone)
+        compute = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
+        backbones = [self.backbone, *(m for m in self.objective.modules() if isinstance(m, VisionTransformer))]
+        blocks = [block for bb in backbones for block in bb.blocks]
+        apply_fsdp2(blocks, [*backbones, self.objective], fsdp2_mesh(self.device_mesh), param_dtype=compute)
+        self.to_empty(device=strategy.root_device)
+        self.backbone.init_weights(materialize=True)
+        self.objective.init_weights(self.backbone)
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all ranks (per-device batch x world size x accumulation)."""
@@ -77,6 +104,11 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
+        if _offloads_optimizer(self._trainer.strategy if self._trainer is not None else None):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
+
+            return DeepSpeedCPUAdam(groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps,
+                                    adamw_mode=True)
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         return torch.optim.AdamW(
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
@@ -138,3 +170,12 @@ class LitWebSSL(L.LightningModule):
     def eval_backbone(self) -> nn.Module:
         """The backbone probes should read (the objective decides: the EMA teacher's for DINO)."""
         return self.objective.eval_backbone(self.backbone)
+
+
+def _offloads_optimizer(strategy: Any) -> bool:
+    """DeepSpeed with the optimizer offloaded to the host (ZeRO-Offload needs DeepSpeed's CPU Adam)."""
+    config = getattr(strategy, "config", None)
+    if strategy_family(strategy) != "deepspeed" or not isinstance(config, dict):
+        return False
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")

@@ -124,8 +124,27 @@ class Objective(nn.Module, abc.ABC):
     schedule_unit: str = "steps"
     """Unit of the objective's own schedule lengths (``steps`` or ``samples``), the one of ``--model.optim.unit``."""
 
+    backbone_factory: Callable[[], VisionTransformer] | None = None
+    """Builds a fresh backbone of the run's preset; set by ``LitWebSSL`` before :meth:`configure`. Objectives that
+    keep a copy of the backbone (an EMA teacher) pass it to :func:`lit_webssl.parallel.copy_module`, which needs it
+    where a deep copy is impossible (ZeRO-3 partitions)."""
+
     def configure(self, backbone: VisionTransformer) -> None:  # noqa: B027 - optional hook
-        """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``."""
+        """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``.
+
+        Under ZeRO-3 this runs inside ``deepspeed.zero.Init``: a submodule's parameters are partitioned as soon as
+        its ``__init__`` returns, so initialize children through :func:`lit_webssl.parallel.init_module_tree`.
+        Under FSDP2 it runs on the meta device and :meth:`init_weights` follows once the shards exist.
+        """
+
+    def init_weights(self, backbone: VisionTransformer) -> None:
+        """Initialize this objective's parameters in place after a meta-device build materialized on its shards
+        (FSDP2), and make copies (an EMA teacher) equal their sources. The default calls ``reset_parameters()`` on
+        every submodule that has one (PyTorch's default init); override it when the objective initializes otherwise.
+        """
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
 
     @abc.abstractmethod
     def views(self) -> Sequence[ViewSpec]:

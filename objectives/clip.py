@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import gathered, is_partitioned, reset_parameters_tree
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -135,8 +136,23 @@ class CLIP(Objective):
             self.text = TextTransformer(context_length=self.context_length, vocab_size=VOCAB_SIZE,
                                         output_dim=self.embed_dim, pool_type="argmax", **self.text_cfg)
             self.logit_scale = nn.Parameter(torch.tensor(self.init_logit_scale))
-        if not self.image_proj.weight.is_meta:
+        if self.image_proj.weight.is_meta:
+            return
+        if any(is_partitioned(p) for p in self.text.parameters()):  # ZeRO-3: open_clip's init ran on placeholders
+            with gathered(self.text, recurse=True):
+                self.text.init_parameters()
+        with gathered(self.image_proj):
             nn.init.normal_(self.image_proj.weight, std=backbone.embed_dim**-0.5)  # open_clip's visual ``proj``
+
+    def init_weights(self, backbone: VisionTransformer) -> None:
+        """After a meta-device (FSDP2) build: constructor inits, open_clip's text-tower init, the causal mask (a
+        non-persistent buffer, so never in a checkpoint), the image projection and the logit scale."""
+        reset_parameters_tree(self.text)
+        self.text.init_parameters()
+        self.text.attn_mask = self.text.build_causal_mask().to(self.text.positional_embedding.device)
+        nn.init.normal_(self.image_proj.weight, std=backbone.embed_dim**-0.5)
+        with torch.no_grad():
+            self.logit_scale.fill_(self.init_logit_scale)
 
     def views(self) -> list[ViewSpec]:
         return [ViewSpec("image", size=self.crop_size, scale=self.crop_scale, hflip_p=0.0)]

@@ -10,8 +10,7 @@ local crop with both. Crops are stacked crop-major: rows ``[crop 0 of every imag
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -26,6 +25,15 @@ from torch import Tensor, nn
 from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
 from lit_webssl.optim import cosine_schedule
+from lit_webssl.parallel import (
+    copy_local_shards,
+    copy_module,
+    ema_local_shards,
+    gathered,
+    init_module_tree,
+    is_partitioned,
+    param_pairs,
+)
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -42,13 +50,25 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        linear = nn.Linear(in_features, out_features, bias=False)  # PyTorch's default init for v, as DINOv2
-        self.weight_v = nn.Parameter(linear.weight.detach().clone())
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``v``: PyTorch's ``Linear`` init (as DINOv2's weight-normed ``Linear``); ``g = 1``."""
+        if not self.weight_v.is_meta:
+            nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+            nn.init.ones_(self.weight_g)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
         return F.linear(x, weight)
+
+
+def _trunc_normal_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
 
 
 class DINOHead(nn.Module):
@@ -72,11 +92,15 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+        if not next(self.mlp.parameters()).is_meta:
+            init_module_tree(self.mlp, _trunc_normal_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def init_weights(self) -> None:
+        """Re-initialize (after a meta-device build): trunc-normal MLP, fresh weight-normed prototypes."""
+        init_module_tree(self.mlp, _trunc_normal_linear)
+        with gathered(self.last_layer):
+            self.last_layer.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
@@ -240,12 +264,31 @@ class DINOv2(Objective):
         with torch.device(device):
             self.dino_head = DINOHead(backbone.embed_dim, **self.head_cfg)
             self.ibot_head = DINOHead(backbone.embed_dim, **self.ibot_cfg) if self.ibot_separate_head else None
-        teacher = {"backbone": copy.deepcopy(backbone), "dino_head": copy.deepcopy(self.dino_head)}
+        heads = {"dino_head": (self.dino_head, self.head_cfg)}
         if self.ibot_head is not None:
-            teacher["ibot_head"] = copy.deepcopy(self.ibot_head)
+            heads["ibot_head"] = (self.ibot_head, self.ibot_cfg)
+        with torch.device(device):  # a ZeRO-3 partitioned module is rebuilt fresh (deepcopy would lose its shards)
+            teacher = {"backbone": copy_module(backbone, self.backbone_factory)}
+            for name, (head, cfg) in heads.items():
+                teacher[name] = copy_module(head, lambda cfg=cfg: DINOHead(backbone.embed_dim, **cfg))
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        if any(is_partitioned(p) for p in backbone.parameters()):
+            self.sync_teacher(backbone)
+
+    def init_weights(self, backbone: VisionTransformer) -> None:
+        """Initialize the heads on their shards after a meta-device (FSDP2) build, and copy the student into the
+        teacher."""
+        self.dino_head.init_weights()
+        if self.ibot_head is not None:
+            self.ibot_head.init_weights()
+        self.sync_teacher(backbone)
+
+    def sync_teacher(self, backbone: VisionTransformer) -> None:
+        """Teacher <- student, exactly, on each rank's local shards."""
+        for name, student in self.student_modules(backbone).items():
+            copy_local_shards(param_pairs(self.teacher[name], student))
 
     def train(self, mode: bool = True) -> DINOv2:
         """Switch the student heads' mode; the teacher always stays in eval mode (no drop path)."""
@@ -364,29 +407,16 @@ class DINOv2(Objective):
             modules["ibot_head"] = self.ibot_head
         return modules
 
-    def _param_pairs(self, backbone: VisionTransformer) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-        for name, student in self.student_modules(backbone).items():
-            teacher_params = list(self.teacher[name].parameters())
-            student_params = list(student.parameters())
-            if len(teacher_params) != len(student_params):
-                raise RuntimeError(f"teacher and student {name} differ in structure")
-            yield teacher_params, student_params
-
     @torch.no_grad()
     def update_teacher(self, backbone: VisionTransformer, momentum: float) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` over backbone and heads, accumulated in the teacher's
         dtype (fp32): the student's values are up-cast first, so an update below bf16 resolution still lands.
 
-        Works on whatever each rank holds locally (full tensors under DDP, local shards under sharded strategies)
-        and skips empty (partitioned-away) tensors.
+        Works on whatever each rank holds locally (full tensors under DDP, DTensor shards under FSDP2, ZeRO-3
+        partitions) and never reads an empty placeholder (:func:`lit_webssl.parallel.ema_local_shards`).
         """
-        for teacher_params, student_params in self._param_pairs(backbone):
-            pairs = [(t, s) for t, s in zip(teacher_params, student_params, strict=True) if t.numel() and s.numel()]
-            if not pairs:
-                continue
-            teacher = [t for t, _ in pairs]
-            student = [s.detach().to(t.dtype) for t, s in pairs]
-            torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        for name, student in self.student_modules(backbone).items():
+            ema_local_shards(param_pairs(self.teacher[name], student), momentum)
 
     def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
         self.update_teacher(backbone, self.momentum_at(step - 1))

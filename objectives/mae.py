@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lit_webssl.backbone import sincos_pos_embed
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import init_module_tree
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -53,8 +54,13 @@ class MAEDecoder(nn.Module):
         )
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, patch_size * patch_size * 3)
+        if not self.mask_token.is_meta:
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """The MAE reference's init: mask token ~ N(0, 0.02), xavier-uniform linears, zero biases, unit norms."""
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_xavier)
+        init_module_tree(self, _xavier)
 
     def forward(self, latent: Tensor, ids_restore: Tensor, grid: tuple[int, int]) -> Tensor:
         """``latent`` ``(B, 1 + K, D)`` normed encoder tokens -> predictions ``(B, N, P)``."""
@@ -75,6 +81,9 @@ def _xavier(module: nn.Module) -> None:
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class MAE(Objective):
@@ -134,6 +143,9 @@ class MAE(Objective):
             )
         self.patch_size = backbone.patch_size
         self.decoder = MAEDecoder(backbone.embed_dim, backbone.patch_size, **self.decoder_cfg)
+
+    def init_weights(self, backbone: VisionTransformer) -> None:
+        self.decoder.init_weights()
 
     def views(self) -> list[ViewSpec]:
         return [ViewSpec("image", size=self.crop_size, scale=self.crop_scale, hflip_p=self.hflip_p)]
