@@ -1,0 +1,507 @@
+"""Progressive resolution (224 -> 378 -> 518 px) and warm starts from a checkpoint at another resolution.
+
+:class:`ProgressiveResolution` runs training in stages. At a stage boundary it changes the objective's crop sizes
+(:meth:`~lit_webssl.objectives.base.Objective.set_resolution`), the per-device batch size and the learning-rate
+multiplier, rebuilds the training loader in the middle of the epoch (the data position carries over), and
+**permanently resamples** every learned position-embedding table (student and EMA teacher) to the stage's native grid,
+so a checkpoint or export taken in a stage carries that grid (27 x 27 at 378 px, 37 x 37 at 518 px with patch 14),
+as the released Web-SSL checkpoints do. Why a permanent resample and not on-the-fly interpolation, what happens to
+the Adam moments and how resume and sharded strategies work: ``docs/resolution.md``.
+
+:class:`InitFromCheckpoint` starts a run (a high-resolution adaptation stage) from the weights of a finished run at
+another resolution, resampling the stored position embeddings to this run's grid.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from lit_webssl.backbone import VisionTransformer, grid_of, sincos_pos_embed
+from lit_webssl.errors import ConfigError
+from lit_webssl.presets import PRESETS
+
+FLAG = "--trainer.callbacks ProgressiveResolution"
+INIT_FLAG = "--trainer.callbacks InitFromCheckpoint"
+
+
+@dataclass
+class ResolutionStage:
+    """One stage of a progressive-resolution run (a ``stages`` entry of :class:`ProgressiveResolution`)."""
+
+    start: int
+    """Where the stage begins, in the callback's ``unit`` (optimizer steps or samples seen); the first stage at 0."""
+    global_crop_size: int
+    """Side of the objective's main crops in pixels; also the native resolution: the position-embedding grid becomes
+    ``global_crop_size // patch_size`` (224 -> 16 x 16, 378 -> 27 x 27, 518 -> 37 x 37 with patch 14)."""
+    local_crop_size: int | None = None
+    """Side of the small crops of multi-crop objectives (DINOv2); ``None`` keeps the current size."""
+    batch_size: int | None = None
+    """Images per device per step during the stage; ``None``: ``--data.batch_size``."""
+    lr_scale: float = 1.0
+    """Multiplier of the scheduled learning rate during the stage (e.g. ``sqrt(new_batch / old_batch)`` to follow
+    DINOv2's square-root rule when the batch shrinks)."""
+
+
+class ProgressiveResolution(L.Callback):
+    """Train in resolution stages: crop sizes, per-device batch, lr multiplier and native position grid per stage.
+
+    At the first step of each stage (after the optimizer step that reaches its ``start``):
+
+    * the objective's crops change (``set_resolution``) and the datamodule's views and ``batch_size`` follow; the
+      training loader is rebuilt in place, resuming the data stream at the sample where the old one stopped, and the
+      validation loader is rebuilt at its next use;
+    * ``LitWebSSL.lr_scale`` becomes the stage's ``lr_scale`` (the schedule itself stays a function of the step);
+    * every ViT in the module (student and EMA teacher) gets a new ``pos_embed`` resampled to the stage's grid with
+      the same bicubic interpolation the forward pass used on the fly, so the network's function at the new size is
+      unchanged at the boundary. The optimizer's Adam moments of the old table are dropped: the new table starts
+      fresh moments (bias-corrected) while every other parameter keeps its own. Under DDP the wrapper is rebuilt
+      around the new parameter.
+
+    The first stage is applied before the model is built (its ``global_crop_size`` becomes the backbone's
+    ``img_size``), so the run starts at stage 0's native grid. A resumed run restores the stage from the callback's
+    state and the grid from the checkpoint (``LitWebSSL.on_load_checkpoint``) before the weights load, and continues
+    as the uninterrupted run does.
+
+    Stage starts given in samples are converted with each previous stage's global batch
+    (``batch_size x devices x nodes x accumulate_grad_batches``). Schedules of the optimizer and objective keep
+    counting optimizer steps with the global batch of the first stage.
+
+    Works with replicated strategies (single device, DDP). A sharded strategy (FSDP2, ZeRO-3) can change the grid
+    only where the parameters are whole: run each stage as its own launch from the previous stage's checkpoint
+    (:class:`InitFromCheckpoint`, ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
+
+    Args:
+        stages: The stages, in order of ``start``; the first starts at 0.
+        unit: Unit of the stages' ``start``: optimizer ``steps`` or ``samples`` seen.
+    """
+
+    def __init__(self, stages: list[ResolutionStage], unit: Literal["steps", "samples"] = "steps") -> None:
+        if unit not in ("steps", "samples"):
+            raise ConfigError(f"{FLAG}.unit must be 'steps' or 'samples', got {unit!r}")
+        if not stages:
+            raise ConfigError(f"{FLAG}.stages: give at least one stage")
+        self.stages = [s if isinstance(s, ResolutionStage) else ResolutionStage(**s) for s in stages]
+        self.unit = unit
+        for i, stage in enumerate(self.stages):
+            flag = f"{FLAG}.stages[{i}]"
+            if i == 0 and stage.start != 0:
+                raise ConfigError(f"{flag}.start must be 0 (the first stage starts the run), got {stage.start}")
+            if i and stage.start <= self.stages[i - 1].start:
+                raise ConfigError(f"{flag}.start={stage.start} must be larger than stages[{i - 1}].start="
+                                  f"{self.stages[i - 1].start} (stages sorted by start)")
+            for name in ("global_crop_size", "local_crop_size", "batch_size"):
+                value = getattr(stage, name)
+                if value is not None and value < 1:
+                    raise ConfigError(f"{flag}.{name} must be >= 1, got {value}")
+            if not stage.lr_scale > 0:
+                raise ConfigError(f"{flag}.lr_scale must be > 0, got {stage.lr_scale}")
+        self._stage = 0
+        self._starts: list[int] | None = None
+        self._base_batch: int | None = None
+        self._patch = 0
+        self._changed_in_epoch = False
+        self._fit_started = False
+        self._trainer: L.Trainer | None = None
+
+    # -- schedule of stages --------------------------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        """Index of the current stage."""
+        return self._stage
+
+    def step_starts(self) -> list[int]:
+        """The optimizer step at which each stage starts (known once the trainer is set up)."""
+        if self._starts is None:
+            raise RuntimeError("ProgressiveResolution: step_starts() needs the trainer (call after setup)")
+        return list(self._starts)
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that optimizer step ``step`` belongs to."""
+        return max(i for i, start in enumerate(self.step_starts()) if start <= step)
+
+    def _compute_starts(self, trainer: L.Trainer) -> list[int]:
+        if self.unit == "steps":
+            return [s.start for s in self.stages]
+        per_step = trainer.world_size * trainer.accumulate_grad_batches
+        starts = [0]
+        for prev, cur in zip(self.stages, self.stages[1:], strict=False):
+            global_batch = (prev.batch_size or self._base_batch) * per_step
+            starts.append(starts[-1] + math.ceil((cur.start - prev.start) / global_batch))
+        return starts
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "batch_size") or not callable(
+                getattr(datamodule, "set_views", None)):
+            raise ConfigError(f"{FLAG} needs a datamodule with `batch_size` and `set_views()` (--data), e.g. "
+                              "lit_webssl.datamodules.WebSSLDataModule")
+        objective = getattr(pl_module, "objective", None)
+        if objective is None or not callable(getattr(objective, "set_resolution", None)):
+            raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
+        self._patch = _patch_size(pl_module)
+        for i, st in enumerate(self.stages):
+            for name in ("global_crop_size", "local_crop_size"):
+                value = getattr(st, name)
+                if value is not None and value % self._patch:
+                    raise ConfigError(f"{FLAG}.stages[{i}].{name}={value} is not divisible by the patch size "
+                                      f"{self._patch}")
+        first = self.stages[0]
+        if first.batch_size is not None:
+            datamodule.batch_size = first.batch_size  # the run's base batch: the lr schedule is built from it
+        self._base_batch = int(datamodule.batch_size)
+        self._starts = self._compute_starts(trainer)
+        objective.set_resolution(first.global_crop_size, first.local_crop_size)  # configure() checks these sizes
+        datamodule.set_views(objective.views())
+        overrides = getattr(pl_module, "backbone_overrides", None)
+        if getattr(pl_module, "backbone", None) is None and isinstance(overrides, dict):
+            # Stage 0's native grid from the start: set before configure_model, where every strategy (sharded too)
+            # builds the parameters whole or on their shards at the right shape.
+            overrides["img_size"] = first.global_crop_size
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = True
+        self._enter(trainer, pl_module, self._stage, rebuild=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = self.stage_at(trainer.global_step)
+        if target != self._stage:  # a checkpoint without this callback's state, or stages edited since
+            self._stage = target
+            self._enter(trainer, pl_module, target, rebuild=True)
+        elif self._changed_in_epoch:  # resumed in the epoch where the batch changed: count it as the original run
+            _open_ended_epoch(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._changed_in_epoch = False
+        _counted_epoch(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        pl_module.log("train/global_crop_size", float(self.stages[self._stage].global_crop_size), on_step=True,
+                      on_epoch=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        target = self.stage_at(trainer.global_step)
+        if target == self._stage:
+            return
+        self._stage = target
+        self._enter(trainer, pl_module, target, rebuild=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self._stage, "changed_in_epoch": self._changed_in_epoch, "unit": self.unit,
+                "stages": [asdict(s) for s in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stage = int(state_dict.get("stage", 0))
+        if stage >= len(self.stages):
+            raise ConfigError(f"{FLAG}.stages: the checkpoint is in stage {stage}, but only {len(self.stages)} "
+                              "stage(s) are configured")
+        self._stage = stage
+        self._changed_in_epoch = bool(state_dict.get("changed_in_epoch", False))
+        if self._fit_started and self._trainer is not None:  # sharded strategies restore after on_fit_start
+            self._enter(self._trainer, self._trainer.lightning_module, stage, rebuild=False)
+
+    # -- applying a stage ----------------------------------------------------------------------------------------
+    def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, rebuild: bool) -> None:
+        st = self.stages[index]
+        objective = pl_module.objective
+        objective.set_resolution(st.global_crop_size, st.local_crop_size)
+        datamodule = trainer.datamodule
+        datamodule.batch_size = st.batch_size or self._base_batch
+        datamodule.set_views(objective.views())
+        pl_module.lr_scale = st.lr_scale
+        grid = st.global_crop_size // self._patch
+        resample_module_grids(trainer, pl_module, grid)
+        overrides = getattr(pl_module, "backbone_overrides", None)
+        if isinstance(overrides, dict):  # the saved hyperparameters name the native size of the checkpoint's grid
+            overrides["img_size"] = st.global_crop_size
+        if rebuild:
+            rebuild_train_loader(trainer)
+            _invalidate_val_loader(trainer)
+            self._changed_in_epoch = True
+        local = f", local crops {st.local_crop_size} px" if st.local_crop_size else ""
+        rank_zero_info(f"ProgressiveResolution: stage {index} from step {trainer.global_step}: global crops "
+                       f"{st.global_crop_size} px (grid {grid}x{grid}){local}, {datamodule.batch_size} images per "
+                       f"device, lr x {st.lr_scale:g}")
+
+
+# -- model surgery -------------------------------------------------------------------------------------------------
+def _patch_size(pl_module: L.LightningModule) -> int:
+    backbone = getattr(pl_module, "backbone", None)
+    if isinstance(backbone, VisionTransformer):
+        return backbone.patch_size
+    config = {**PRESETS.get(getattr(pl_module, "backbone_name", ""), {}),
+              **(getattr(pl_module, "backbone_overrides", None) or {})}
+    default = inspect.signature(VisionTransformer.__init__).parameters["patch_size"].default
+    return int(config.get("patch_size", default))
+
+
+def _is_sharded(param: Tensor) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "device_mesh")
+
+
+def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -> list[str]:
+    """Resample every ViT's ``pos_embed`` under ``pl_module`` to ``grid x grid`` and update what holds the old ones.
+
+    The optimizers get the new parameters in place of the old ones and drop the old ones' state (Adam moments and
+    step count: the new table starts fresh, bias-corrected, moments). A DDP wrapper is rebuilt around the module (its
+    reducer was laid out for the old shapes). Raises a :class:`ConfigError` under a sharded strategy.
+
+    Returns:
+        Names of the ViTs that changed.
+    """
+    vits = {name: m for name, m in pl_module.named_modules() if isinstance(m, VisionTransformer) and
+            m.grid_size != grid}
+    if not vits:
+        return []
+    if any(_is_sharded(m.pos_embed) for m in vits.values()):
+        raise ConfigError(
+            f"{FLAG}: changing the position grid in the middle of a run needs whole parameters, but this strategy "
+            f"({type(trainer.strategy).__name__}) shards them; launch each stage from the previous stage's checkpoint "
+            "(InitFromCheckpoint, configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
+        )
+    swaps: dict[int, nn.Parameter] = {}
+    for vit in vits.values():
+        old = vit.pos_embed
+        vit.resample_pos_embed(grid)
+        swaps[id(old)] = vit.pos_embed
+    for optimizer in _optimizers(trainer):
+        for group in optimizer.param_groups:
+            params = []
+            for param in group["params"]:
+                if id(param) in swaps:
+                    optimizer.state.pop(param, None)  # Adam moments and step of the old table
+                    param = swaps[id(param)]
+                params.append(param)
+            group["params"] = params
+    _rewrap_ddp(trainer)
+    return list(vits)
+
+
+def _optimizers(trainer: L.Trainer | None) -> list[torch.optim.Optimizer]:
+    if trainer is None:
+        return []
+    try:
+        return list(trainer.optimizers)
+    except (AttributeError, RuntimeError):
+        return []
+
+
+def _rewrap_ddp(trainer: L.Trainer | None) -> None:
+    """Rebuild the DDP wrapper (its gradient buckets are sized for the old parameter shapes)."""
+    if trainer is None:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    old = getattr(strategy, "model", None)
+    if not isinstance(old, DistributedDataParallel) or not callable(getattr(strategy, "configure_ddp", None)):
+        return
+    reducer = getattr(old, "reducer", None)
+    if reducer is not None and callable(getattr(reducer, "_remove_autograd_hooks", None)):
+        reducer._remove_autograd_hooks()  # the old reducer must not see the next backward
+    strategy.model = strategy.lightning_module
+    del old, reducer
+    gc.collect()
+    strategy.configure_ddp()
+
+
+# -- loaders -------------------------------------------------------------------------------------------------------
+def rebuild_train_loader(trainer: L.Trainer) -> None:
+    """Replace the running training loader by a fresh ``train_dataloader()`` that resumes the data stream where the
+    old one stopped (its ``state_dict()``), in the middle of the epoch.
+
+    The loop's data fetcher is re-pointed in place, so the running epoch continues with the new batches. The epoch
+    then ends when the new loader runs out (its length no longer counts the batches already done at another batch
+    size), so ``is_last_batch`` is not known in advance for the rest of that epoch.
+    """
+    from lightning.fabric.utilities.data import sized_len
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches, _process_dataloader
+    from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    fit_loop = trainer.fit_loop
+    old = fit_loop._combined_loader
+    fetcher = fit_loop._data_fetcher
+    if old is None or fetcher is None:
+        return
+    states = old._state_dicts()
+    fetcher.teardown()  # shuts the old loader's workers down
+    loader = trainer.datamodule.train_dataloader()
+    if states and callable(getattr(loader, "load_state_dict", None)):
+        loader.load_state_dict(states[0])
+    loader = _process_dataloader(trainer, TrainerFn.FITTING, RunningStage.TRAINING, loader)
+    combined = CombinedLoader(loader, "max_size_cycle")
+    length = sized_len(loader)
+    combined.limits = [_parse_num_batches(RunningStage.TRAINING, float("inf") if length is None else length,
+                                          trainer.limit_train_batches)]
+    fit_loop._combined_loader = combined
+    fetcher.setup(combined)
+    iter(fetcher)
+    fetcher.fetched = fit_loop.epoch_loop.batch_progress.current.ready
+    _open_ended_epoch(trainer)
+
+
+def _open_ended_epoch(trainer: L.Trainer) -> None:
+    """Let the current epoch run until the loader is exhausted (no precomputed batch count)."""
+    trainer.fit_loop.max_batches = float("inf")
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is not None:
+        fetcher.length = float("inf")
+        fetcher.done = False
+
+
+def _counted_epoch(trainer: L.Trainer) -> None:
+    """Undo :func:`_open_ended_epoch` at the start of the next epoch: the loader's length counts batches again."""
+    from lightning.fabric.utilities.data import sized_len
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    combined = trainer.fit_loop._combined_loader
+    if trainer.fit_loop.max_batches != float("inf") or combined is None:
+        return
+    length = sized_len(combined.flattened[0])
+    if length is not None:
+        trainer.fit_loop.max_batches = _parse_num_batches(RunningStage.TRAINING, length, trainer.limit_train_batches)
+
+
+def _invalidate_val_loader(trainer: L.Trainer) -> None:
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    if val_loop._combined_loader is not None:
+        val_loop._combined_loader.reset()
+        val_loop._combined_loader = None
+
+
+# -- warm start ----------------------------------------------------------------------------------------------------
+def resample_table(table: Tensor, grid: int, kind: str = "learned", num_prefix_tokens: int = 1) -> Tensor:
+    """A ``(1, prefix + g * g, D)`` position-embedding table at a ``grid x grid`` grid, computed as
+    :meth:`VisionTransformer.resample_pos_embed` does (bicubic for ``learned``, recomputed for ``sincos``)."""
+    if grid_of(table, num_prefix_tokens) == grid:
+        return table
+    if kind == "sincos":
+        patch = sincos_pos_embed(table.shape[-1], grid, grid).to(table.dtype)
+        return torch.cat([table[:, :num_prefix_tokens], patch[None]], dim=1)
+    return resample_abs_pos_embed(table, [grid, grid], num_prefix_tokens=num_prefix_tokens, antialias=False)
+
+
+def _full_shape(param: Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+def load_full_state(pl_module: nn.Module, state: dict[str, Tensor], strict: bool = True,
+                    exclude: tuple[str, ...] = ()) -> None:
+    """Copy whole tensors ``state`` into ``pl_module``'s parameters and buffers in place, whatever holds them: plain
+    tensors (single device, DDP), FSDP2 ``DTensor`` shards, or ZeRO-3 partitions (gathered one module at a time).
+    Every rank passes the same ``state``. No parameter object is replaced, so optimizers and wrappers stay valid."""
+    names = {k for k in pl_module.state_dict(keep_vars=True) if not k.startswith(exclude)}
+    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    if strict and (missing or unexpected):
+        raise ConfigError(f"{INIT_FLAG}.path: the checkpoint does not match the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}); pass strict: false to load the keys that match")
+    for mod_name, module in pl_module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        own = [(f"{prefix}{n}", t) for n, t in [*module.named_parameters(recurse=False),
+                                                  *module.named_buffers(recurse=False)] if f"{prefix}{n}" in state]
+        if not own:
+            continue
+        for key, target in own:
+            if tuple(state[key].shape) != _full_shape(target):
+                raise ConfigError(f"{INIT_FLAG}.path: {key} has shape {tuple(state[key].shape)} in the checkpoint "
+                                  f"and {_full_shape(target)} in the model")
+        partitioned = [t for _, t in own if hasattr(t, "ds_id")]
+        with _gathered(partitioned), torch.no_grad():
+            for key, target in own:
+                value = state[key].to(dtype=target.dtype)
+                if hasattr(target, "device_mesh"):  # FSDP2 DTensor: copy this rank's shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    target.copy_(distribute_tensor(value.to(target.device), target.device_mesh, target.placements))
+                elif hasattr(target, "ds_id"):
+                    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                        target.data.copy_(value.to(target.device))
+                else:
+                    target.copy_(value.to(target.device))
+
+
+class _gathered:
+    """``deepspeed.zero.GatheredParameters(params, modifier_rank=0)`` when ``params`` is not empty."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params, self.ctx = params, None
+
+    def __enter__(self) -> None:
+        if self.params:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+class InitFromCheckpoint(L.Callback):
+    """Start training from the weights of another run's checkpoint, at this run's resolution.
+
+    Loads the whole module state (student backbone, heads, EMA teacher, loss buffers such as DINO's center) from a
+    Lightning checkpoint (``state_dict``) or a plain state dict, resamples every stored ``pos_embed`` to the grid of
+    the ViT it goes to (bicubic for learned tables, as :meth:`VisionTransformer.resample_pos_embed`), and copies it
+    in place at the start of fit. The optimizer, schedules and data position start fresh; that is the high-resolution
+    adaptation recipe (RECIPE section 6): a 224 px run's weights continued at 378, then 518 px.
+
+    Skipped when the run resumes from its own checkpoint (``--ckpt_path``), which restores everything. Sharded
+    checkpoints (ZeRO-3 or FSDP2 directories) must first be consolidated into one file (``docs/resolution.md``).
+
+    Args:
+        path: Checkpoint file (``.ckpt`` or a ``torch.save``'d state dict).
+        strict: Require the checkpoint's keys to match the module's exactly.
+        exclude: Key prefixes not to load (e.g. ``objective.dino_head`` to start a head afresh).
+    """
+
+    def __init__(self, path: str, strict: bool = True, exclude: list[str] | None = None) -> None:
+        self.path = str(path)
+        self.strict = strict
+        self.exclude = tuple(exclude or ())
+        self.loaded = False
+
+    def read_state(self) -> dict[str, Tensor]:
+        """The checkpoint's weights as ``{name: tensor}`` (memory-mapped, on the CPU), minus ``exclude``."""
+        if not Path(self.path).is_file():
+            raise ConfigError(f"{INIT_FLAG}.path: no checkpoint file at {self.path} (a sharded checkpoint directory "
+                              "must be consolidated into one file first)")
+        checkpoint = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{INIT_FLAG}.path: {self.path} holds no state dict")
+        return {k: v for k, v in state.items() if isinstance(v, Tensor) and not k.startswith(self.exclude)}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path:
+            return
+        state = self.read_state()
+        for name, vit in pl_module.named_modules():
+            if not isinstance(vit, VisionTransformer):
+                continue
+            key = f"{name}.pos_embed" if name else "pos_embed"
+            if key in state:
+                grid = grid_of(torch.empty(_full_shape(vit.pos_embed), device="meta"), vit.num_prefix_tokens)
+                state[key] = resample_table(state[key].float(), grid, vit.pos_embed_kind, vit.num_prefix_tokens)
+        load_full_state(pl_module, state, strict=self.strict, exclude=self.exclude)
+        self.loaded = True
+        rank_zero_info(f"InitFromCheckpoint: loaded {len(state)} tensors from {self.path}")

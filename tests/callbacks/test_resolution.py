@@ -1,0 +1,290 @@
+"""Progressive resolution: stage checks, grids and optimizer surgery, a fit across a boundary (crops, batch, lr,
+checkpoint grids), exact resume on either side of the boundary, warm start at another grid, and DDP on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from helpers import CONFIGS, REPO, free_port, load_weights, tiny_demo
+from lit_webssl.callbacks.resolution import (
+    InitFromCheckpoint,
+    ProgressiveResolution,
+    ResolutionStage,
+    resample_module_grids,
+    resample_table,
+)
+from lit_webssl.objectives import CLIP, MAE, DINOv2
+
+from lit_webssl.backbone import VisionTransformer, sincos_pos_embed
+from lit_webssl.cli import main
+from lit_webssl.errors import ConfigError
+from lit_webssl.module import LitWebSSL
+
+HERE = Path(__file__).resolve().parent
+FLAG = "--trainer.callbacks ProgressiveResolution"
+
+# Two stages of a tiny DINOv2 (patch 4): 16 px (4 x 4 grid), 4 images -> from step 2: 24 px (6 x 6), 2 images, lr x 0.5.
+STAGES = [
+    {"start": 0, "global_crop_size": 16, "local_crop_size": 8, "batch_size": 4},
+    {"start": 2, "global_crop_size": 24, "local_crop_size": 12, "batch_size": 2, "lr_scale": 0.5},
+]
+STEPS = 8  # 16 training images: 2 steps x 4 + 4 steps x 2 end the epoch, 2 more steps run in the next one
+
+
+def _config(path: Path, out: Path) -> str:
+    config = yaml.safe_load((CONFIGS / "demo" / "dino_tiny.yaml").read_text())
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": -1}},
+        {"class_path": "lit_webssl.callbacks.ProgressiveResolution", "init_args": {"stages": STAGES}},
+        {"class_path": "resolution_probe.StepRecorder", "init_args": {"out": str(out)}},
+    ]
+    config["trainer"]["enable_progress_bar"] = False
+    config["model"]["backbone_overrides"].update(img_size=16, embed_dim=32, depth=1, num_heads=2)
+    config["model"]["objective"]["init_args"].update(
+        head_prototypes=32, head_hidden_dim=32, head_bottleneck_dim=16, ibot_prototypes=32, ibot_hidden_dim=32,
+        ibot_bottleneck_dim=16, freeze_last_layer=1)
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(config: str, data: Path, run: str, *extra: str, steps: int = STEPS) -> list[str]:
+    return ["fit", "--config", config, "--run_name", run, "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+            "--data.init_args.local", str(data), "--data.init_args.num_workers", "0",
+            "--model.optim.total", "100", *extra]
+
+
+def _final(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"state_rank{rank}.pt", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["moments"].keys() == b["moments"].keys()
+    for name, state in a["moments"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["moments"][name][key]), f"{name}.{key}"
+
+
+# -- stages --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        ([{"start": 5, "global_crop_size": 224}], f"{FLAG}.stages[0].start must be 0"),
+        ([{"start": 0, "global_crop_size": 224}, {"start": 0, "global_crop_size": 378}],
+         f"{FLAG}.stages[1].start=0 must be larger than stages[0].start=0"),
+        ([{"start": 0, "global_crop_size": 224, "batch_size": 0}], f"{FLAG}.stages[0].batch_size must be >= 1"),
+        ([{"start": 0, "global_crop_size": 224, "lr_scale": 0.0}], f"{FLAG}.stages[0].lr_scale must be > 0"),
+        ([], f"{FLAG}.stages: give at least one stage"),
+    ],
+    ids=["first_start", "unsorted", "batch", "lr_scale", "empty"],
+)
+def test_bad_stages_are_one_line_errors_naming_the_flag(stages, expected):
+    with pytest.raises(ConfigError) as err:
+        ProgressiveResolution(stages)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _fake_trainer(datamodule, world_size: int = 1, accumulate: int = 1, optimizers=()):
+    return SimpleNamespace(datamodule=datamodule, world_size=world_size, accumulate_grad_batches=accumulate,
+                           optimizers=list(optimizers), strategy=SimpleNamespace(model=None), ckpt_path=None)
+
+
+def _fake_datamodule(batch_size: int = 12):
+    views = {}
+    return SimpleNamespace(batch_size=batch_size, set_views=lambda v: views.update(views=list(v)), views=views)
+
+
+def _module(**objective_args) -> LitWebSSL:
+    objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
+                       ibot_hidden_dim=16, ibot_bottleneck_dim=8, global_crop_size=32, local_crop_size=16,
+                       **objective_args)
+    return LitWebSSL(objective, backbone="vit_debug")
+
+
+def test_crop_sizes_must_be_multiples_of_the_patch_size():
+    callback = ProgressiveResolution([{"start": 0, "global_crop_size": 32},
+                                      {"start": 10, "global_crop_size": 48, "local_crop_size": 18}])
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.local_crop_size=18 is not divisible by the patch size 4"):
+        callback.setup(_fake_trainer(_fake_datamodule()), _module(), "fit")
+
+
+def test_samples_convert_to_steps_with_each_previous_stage_global_batch():
+    callback = ProgressiveResolution(
+        [ResolutionStage(start=0, global_crop_size=32, batch_size=8),
+         ResolutionStage(start=100, global_crop_size=48, batch_size=4),
+         ResolutionStage(start=200, global_crop_size=64)], unit="samples")
+    datamodule = _fake_datamodule(batch_size=12)
+    module = _module()
+    callback.setup(_fake_trainer(datamodule, world_size=2), module, "fit")
+    # 100 samples at 8 x 2 ranks = 7 steps (rounded up); 100 more at 4 x 2 = 13; the last stage gets --data's batch.
+    assert callback.step_starts() == [0, 7, 20]
+    assert [callback.stage_at(s) for s in (0, 6, 7, 19, 20, 10**9)] == [0, 0, 1, 1, 2, 2]
+    assert datamodule.batch_size == 8  # the first stage's batch is the run's base batch (the lr schedule's)
+    assert module.backbone_overrides["img_size"] == 32  # built at the first stage's native grid
+    assert [v.size for v in datamodule.views["views"]] == [32, 32, 16]
+
+
+def test_objectives_change_their_crops():
+    dino = DINOv2(global_crop_size=224, local_crop_size=98)
+    dino.set_resolution(378, 168)
+    assert [(v.name, v.size) for v in dino.views()] == [("global1", 378), ("global2", 378), ("local", 168)]
+    dino.set_resolution(518)
+    assert [v.size for v in dino.views()] == [518, 518, 168]
+    for single in (MAE(), CLIP()):
+        single.set_resolution(378)
+        assert [v.size for v in single.views()] == [378]
+        with pytest.raises(ConfigError, match="has no local crops"):
+            single.set_resolution(378, 168)
+
+
+# -- position embeddings -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["learned", "sincos"])
+def test_permanent_resample_keeps_the_function_at_the_new_native_size(kind):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, pos_embed=kind).eval()
+    images = torch.randn(2, 3, 24, 24)
+    before = vit(images)["x_norm_patchtokens"]
+    table = vit.pos_embed.detach().clone()
+    vit.resample_pos_embed(6)
+    assert vit.pos_embed.shape == (1, 1 + 36, 32) and vit.grid_size == 6
+    assert vit.patch_embed.img_size == (24, 24)
+    assert vit.pos_embed.requires_grad == (kind == "learned")
+    assert torch.equal(vit(images)["x_norm_patchtokens"], before)  # the same interpolation, made permanent
+    assert torch.equal(resample_table(table, 6, kind), vit.pos_embed.detach())  # warm-start path: same table
+    if kind == "sincos":
+        assert torch.equal(vit.pos_embed[0, 1:].detach(), sincos_pos_embed(32, 6, 6))
+
+
+def test_resample_swaps_the_optimizer_parameter_and_drops_only_its_moments():
+    module = _module()
+    module.configure_model()
+    teacher = module.objective.teacher["backbone"]
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": params}])
+    sum(p.float().sum() for p in params).backward()
+    optimizer.step()
+    old = module.backbone.pos_embed
+    assert old in optimizer.state
+    changed = resample_module_grids(_fake_trainer(None, optimizers=[optimizer]), module, 12)
+    assert sorted(changed) == ["backbone", "objective.teacher.backbone"]
+    new = module.backbone.pos_embed
+    assert new is not old and new.shape == (1, 145, 32) and teacher.pos_embed.shape == (1, 145, 32)
+    group = optimizer.param_groups[0]["params"]
+    assert any(p is new for p in group) and not any(p is old for p in group)
+    assert old not in optimizer.state and new not in optimizer.state
+    assert len(optimizer.state) == len(params) - 1  # every other parameter keeps its moments
+    new.grad = torch.ones_like(new)
+    optimizer.step()  # fresh, bias-corrected moments for the new table
+    assert optimizer.state[new]["exp_avg"].shape == new.shape
+
+
+# -- a fit across the boundary ---------------------------------------------------------------------------------------
+def test_fit_across_a_boundary_and_resume_on_either_side_is_exact(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    data = tiny_demo(tmp_path, n_train=16, n_val=8)
+    out = tmp_path / "out"
+    config = _config(tmp_path / "stages.yaml", out / "straight")
+    main(_args(config, data, "straight"))
+
+    record = json.loads((out / "straight" / "steps_rank0.json").read_text())
+    shapes = [(s["views"]["global1"], s["views"]["local"]) for s in record["train"]]
+    assert shapes == [([4, 1, 3, 16, 16], [4, 2, 3, 8, 8])] * 2 + [([2, 1, 3, 24, 24], [2, 2, 3, 12, 12])] * 6
+    assert [s["lr_ratio"] for s in record["train"]][1:] == pytest.approx([1.0] + [0.5] * 6)  # step 0: warmup lr 0
+    assert record["val"][0]["views"]["global1"][-1] == 24  # the validation loader follows the stage
+    # The rebuilt loader continues the epoch's stream: every image once, then the next epoch at the new batch.
+    assert [s["epoch"] for s in record["train"]] == [0] * 6 + [1] * 2
+    first_epoch = [i for s in record["train"][:6] for i in s["index"]]
+    assert sorted(first_epoch) == list(range(16))
+
+    ckpts = Path("runs/straight/checkpoints")
+    for step, grid in [(1, 4), (2, 6), (8, 6)]:
+        weights = load_weights(next(ckpts.glob(f"epoch=*-step={step}.ckpt")))
+        for key in ("backbone.pos_embed", "objective.teacher.backbone.pos_embed"):
+            assert weights[key].shape == (1, 1 + grid * grid, 32), (step, key)
+        hparams = torch.load(next(ckpts.glob(f"epoch=*-step={step}.ckpt")), weights_only=False)["hyper_parameters"]
+        assert hparams["backbone_overrides"]["img_size"] == grid * 4
+
+    # Interrupted in stage 0 (resumes and crosses the boundary itself), and in stage 1 (rebuilds at the 6 x 6 grid).
+    for step in (1, 3):
+        run = f"resumed{step}"
+        main(_args(_config(tmp_path / f"{run}.yaml", out / run), data, run, "--ckpt_path",
+                   str(ckpts / f"epoch=0-step={step}.ckpt")))
+        _assert_same_state(_final(out / "straight"), _final(out / run))
+        resumed = json.loads((out / run / "steps_rank0.json").read_text())["train"]
+        assert [s["index"] for s in resumed] == [s["index"] for s in record["train"][step:]]
+
+
+def test_warm_start_from_a_checkpoint_at_another_grid(tmp_path):
+    source = _module()
+    source.configure_model()
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)  # a 32 px run: 8 x 8 grid
+    target = _module()
+    target.backbone_overrides["img_size"] = 48  # a 48 px stage: 12 x 12 grid
+    target.configure_model()
+    callback = InitFromCheckpoint(str(path))
+    callback.on_fit_start(_fake_trainer(None), target)
+    loaded, stored = target.state_dict(), source.state_dict()
+    for key, value in stored.items():
+        if key.endswith("pos_embed"):
+            assert loaded[key].shape == (1, 145, 32)
+            assert torch.equal(loaded[key], resample_table(value, 12))
+        else:
+            assert torch.equal(loaded[key], value), key
+    with pytest.raises(ConfigError, match="InitFromCheckpoint.path: no checkpoint file"):
+        InitFromCheckpoint(str(tmp_path / "missing.ckpt")).on_fit_start(_fake_trainer(None), target)
+
+
+# -- DDP -----------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
+    data = tiny_demo(tmp_path, n_train=32, n_val=8)
+    out = tmp_path / "out"
+    path = os.pathsep.join([str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def launch(run: str, *extra: str) -> None:
+        config = _config(tmp_path / f"{run}.yaml", out / run)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lit_webssl",
+               *_args(config, data, run, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                      "--trainer.accelerator", "cpu", *extra, steps=4)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    launch("ddp")
+    ranks = [_final(out / "ddp", rank) for rank in (0, 1)]
+    _assert_same_state(*ranks)  # gradients of the new 6 x 6 table were all-reduced: the rebuilt DDP wrapper works
+    record = [json.loads((out / "ddp" / f"steps_rank{r}.json").read_text())["train"] for r in (0, 1)]
+    for steps in record:
+        assert [s["views"]["global1"][0] for s in steps] == [4, 4, 2, 2]
+        assert [s["views"]["global1"][-1] for s in steps] == [16, 16, 24, 24]
+    seen = [i for steps in record for s in steps for i in s["index"]]
+    assert len(seen) == len(set(seen)) == 24  # the ranks' streams continue across the rebuild without overlap
+    weights = load_weights(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt")
+    assert weights["objective.teacher.backbone.pos_embed"].shape == (1, 37, 32)
+
+    launch("ddp_resumed", "--ckpt_path", str(tmp_path / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"))
+    _assert_same_state(ranks[0], _final(out / "ddp_resumed", 0))
