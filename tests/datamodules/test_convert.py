@@ -275,14 +275,14 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, capsys, args, 
 def test_convert_folder_straight_to_s3_and_resume_there(tmp_path, s3_bucket):
     good = _folder(tmp_path / "in")
     url = s3_bucket.url("converted", "train")
-    args = ["--from", "folder", "--in", str(tmp_path / "in"), "--out", url, "--chunk-size", "3",
+    args = ["--from", "folder", "--in", str(tmp_path / "in"), "--out", url, "--chunk-size", "5",
             "--manifest", str(tmp_path / "skipped.jsonl")]
     assert _convert(*args, "--workers", "2").samples == len(good)
     keys = s3_bucket.keys("converted/train/")
     assert {"converted/train/index.json", "converted/train/skipped.jsonl", "converted/train/convert_plan.json",
             "converted/train/part.00000/convert.done", "converted/train/part.00000/shard.00000.mds"} <= set(keys)
     assert _manifest(tmp_path / "skipped.jsonl")["b/corrupt.jpg"] == "undecodable"
-    assert _convert(*args, "--resume").resumed == 4
+    assert _convert(*args, "--resume").resumed == 2
     with pytest.raises(cv.ConfigError, match="--out: .* holds a conversion"):
         _convert(*args)
     dm = WebSSLDataModule(str(tmp_path / "cache"), remote=s3_bucket.url("converted"), val_split=None,
