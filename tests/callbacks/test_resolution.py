@@ -30,6 +30,7 @@ from lit_webssl.module import LitWebSSL
 
 HERE = Path(__file__).resolve().parent
 FLAG = "--trainer.callbacks ProgressiveResolution"
+OBJ = "--model.objective.init_args."
 
 # Two stages of a tiny DINOv2 (patch 4): 16 px (4 x 4 grid), 4 images -> from step 2: 24 px (6 x 6), 2 images, lr x 0.5.
 STAGES = [
@@ -288,3 +289,39 @@ def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
 
     launch("ddp_resumed", "--ckpt_path", str(tmp_path / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"))
     _assert_same_state(ranks[0], _final(out / "ddp_resumed", 0))
+
+
+# -- high-resolution stage configs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "size"), [("vit_7b_378", 378), ("vit_7b_518", 518)])
+def test_high_res_config_starts_from_the_previous_stage_checkpoint(name, size, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    config = yaml.safe_load((CONFIGS / "webdino" / f"{name}.yaml").read_text())
+    objective = config["model"]["objective"]["init_args"]
+    assert objective["global_crop_size"] == config["model"]["backbone_overrides"]["img_size"] == size
+    assert objective["local_crop_size"] % 14 == 0 and size % 14 == 0
+    # The real file, shrunk: a tiny ViT whose previous stage had a 4 x 4 grid, trained one step at 24 px (6 x 6).
+    source = _module()
+    source.backbone_overrides["img_size"] = 16
+    source.configure_model()
+    init_path = Path(next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("InitFromCheckpoint"))
+                     ["init_args"]["path"])
+    init_path.parent.mkdir(parents=True)
+    torch.save({"state_dict": source.state_dict()}, init_path)
+    data = tiny_demo(tmp_path, n_train=16, n_val=8)
+    tiny = {"head_prototypes": 16, "head_hidden_dim": 16, "head_bottleneck_dim": 8, "ibot_prototypes": 16,
+            "ibot_hidden_dim": 16, "ibot_bottleneck_dim": 8, "global_crop_size": 24, "local_crop_size": 8,
+            "local_crops_number": 2}
+    recorder = {"class_path": "resolution_probe.StepRecorder", "init_args": {"out": str(tmp_path / "out")}}
+    main(["fit", "--config", str(CONFIGS / "webdino" / f"{name}.yaml"), "--trainer.devices", "1",
+          "--trainer.num_nodes", "1", "--trainer.strategy", "auto", "--trainer.accelerator", "cpu",
+          "--trainer.precision", "32-true", "--trainer.max_steps", "1",
+          f"--trainer.callbacks+={json.dumps(recorder)}", "--model.backbone", "vit_debug",
+          "--model.backbone_overrides", json.dumps({"img_size": 24}), "--model.optim.warmup", "0",
+          "--model.optim.total", "10", *(a for k, v in tiny.items() for a in (f"{OBJ}{k}", str(v))),
+          "--data.init_args.local", str(data), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2"])
+    final = _final(tmp_path / "out")["state_dict"]
+    stored = source.state_dict()
+    for key in ("backbone.pos_embed", "objective.teacher.backbone.pos_embed"):
+        assert final[key].shape == (1, 37, 32)
+    teacher = "objective.teacher.backbone.blocks.0.mlp.fc1.weight"  # the EMA teacher moved by (1 - 0.999) of a step
+    assert torch.allclose(final[teacher], stored[teacher], atol=1e-4)
