@@ -506,8 +506,14 @@ def _plan_parquet(root: Path, opts: argparse.Namespace) -> Plan:
                            opts.caption_field, "--caption-field", f"{where} (string columns)")
     label_field = _first(LABEL_FIELDS, [n for n in schema.names if pa.types.is_integer(schema.field(n).type)],
                          opts.label_field, "--label-field", f"{where} (integer columns)")
+    needed = [c for c in (image_field, caption_field, label_field) if c]
     chunks, index = [], 0
     for path in files:
+        lacking = [c for c in needed if c not in pq.read_schema(path).names]
+        if lacking:
+            raise ConfigError(f"--in: {path} has no column {', '.join(map(repr, lacking))} (the columns are chosen "
+                              f"from the first file, {files[0]}: name them with --image-field / --caption-field / "
+                              "--label-field)")
         meta = pq.ParquetFile(path).metadata
         first = 0
         for group in range(meta.num_row_groups):
@@ -529,13 +535,15 @@ def _options(opts: argparse.Namespace, **fields: Any) -> ConvertOptions:
 # -- reading inputs (in the workers) -------------------------------------------------------------------------------
 @dataclass
 class Record:
-    """One input sample before checking: ``image`` is ``None`` when the input has no image (``missing`` says why)."""
+    """One input sample before checking: ``image`` is ``None`` when the input gave no image (``reason``, ``detail``
+    say why: ``no_image`` or ``read_error``)."""
 
     source: str
     image: bytes | None
     caption: str | None = None
     label: int | None = None
-    missing: str = ""
+    reason: str = ""
+    detail: str = ""
 
 
 def _read_folder(chunk: Chunk, root: str) -> Iterator[Record]:
@@ -543,7 +551,7 @@ def _read_folder(chunk: Chunk, root: str) -> Iterator[Record]:
         try:
             data = Path(root, relative).read_bytes()
         except OSError as err:
-            yield Record(relative, None, missing=f"read error: {err}")
+            yield Record(relative, None, reason="read_error", detail=str(err))
             continue
         if caption is None and caption_file is not None:
             try:
@@ -579,7 +587,8 @@ def _wds_record(source: str, members: dict[str, bytes], options: ConvertOptions)
         label = int(text) if re.fullmatch(r"-?\d+", text) else label
     ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
-        return Record(source, None, missing=f"no image member (members: {', '.join(sorted(members)) or 'none'})")
+        return Record(source, None, reason="no_image",
+                      detail=f"no image member (members: {', '.join(sorted(members)) or 'none'})")
     return Record(source, members[ext], caption, label)
 
 
@@ -600,7 +609,7 @@ def _read_wds(chunk: Chunk, options: ConvertOptions) -> Iterator[Record]:
                 members[ext if ext in wanted else f"other:{ext}"] = (
                     tar.extractfile(member).read() if ext in wanted else b"")  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:  # the sample being read is dropped
-        yield Record(name, None, missing=f"tar read error after {key or 'the start'}: {err}")
+        yield Record(name, None, reason="read_error", detail=f"tar shard unreadable after {key or 'its start'}: {err}")
         return
     if key is not None:
         yield _wds_record(f"{name}/{key}", members, options)
@@ -621,7 +630,7 @@ def _read_parquet(chunk: Chunk, options: ConvertOptions) -> Iterator[Record]:
         if isinstance(image, dict):
             image = image.get("bytes")
         if not image:
-            yield Record(source, None, missing=f"empty image column {options.image_field!r}")
+            yield Record(source, None, reason="no_image", detail=f"empty image column {options.image_field!r}")
         else:
             yield Record(source, bytes(image), caption, label)
 
@@ -686,7 +695,7 @@ def convert_chunk(chunk: Chunk, root: str, out: str, options: ConvertOptions) ->
                 pending = 0
             try:
                 if record.image is None:
-                    raise Skip("no_image" if "read error" not in record.missing else "read_error", record.missing)
+                    raise Skip(record.reason, record.detail)
                 data, reencoded = prepare_image(record.image, options.min_size)
             except Skip as skip:
                 result.skipped.append({"source": record.source, "reason": skip.reason, "detail": skip.detail})
@@ -752,6 +761,9 @@ def _check_output(output: Output, plan: Plan, resume: bool, overwrite: bool) -> 
         if output.remote:
             raise ConfigError(f"--overwrite: only for a local --out; delete {output.root} yourself or pick a new "
                               "prefix")
+        if PLAN not in files and INDEX not in files:  # never delete a directory that is not a dataset
+            raise ConfigError(f"--overwrite: {output.root} is not empty and is no MDS dataset; remove it yourself "
+                              "or choose another --out")
         shutil.rmtree(output.root)
         return set()
     if PLAN not in files:
@@ -910,6 +922,14 @@ def _run_pool(args: list[tuple], workers: int, results: dict[int, ChunkResult],
 
 
 # -- command line --------------------------------------------------------------------------------------------------
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the flag (``ConfigError``: the CLI prints it and exits 2)."""
 
@@ -937,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DST",
                         help="output MDS dataset: a local directory or a URL (s3://, gs://, oci://, ...); point it "
                         "at a split, e.g. data/mine/train")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int, default=_usable_cpus(),
                         help="worker processes (default: the CPU count, %(default)s)")
     parser.add_argument("--min-size", type=int, default=0, metavar="PX",
                         help="skip images whose shorter side is below PX pixels (default: 0, keep all)")
@@ -948,7 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one unit each; default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted conversion into --out (complete chunks are kept)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a local --out that is not empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a local --out that holds an MDS dataset or a conversion")
     parser.add_argument("--sidecar", metavar="FILE",
                         help="--from folder: CSV/TSV (header row) or JSONL file with a path column (relative to "
                         "--in) and caption and/or label columns")
@@ -991,6 +1012,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--in: {opts.src} is a URL; the converter reads local inputs (download them first)")
     if not Path(opts.src).exists():
         raise ConfigError(f"--in: nothing at {opts.src}")
+    if not _is_remote(opts.out):
+        src, out = Path(opts.src).resolve(), Path(opts.out).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ConfigError(f"--out: {opts.out} and --in {opts.src} must not contain one another")
     if _is_remote(opts.out):
         from streaming.base.storage.upload import UPLOADERS
 

@@ -258,16 +258,20 @@ def test_parallel_workers_give_the_same_dataset_as_one(tmp_path):
     (["--from", "wds", "--in", "IN", "--out", "OUT"], "--in"),  # no tar shards there
     (["--from", "folder", "--in", "nowhere", "--out", "OUT"], "--in"),
     (["--from", "folder", "--in", "IN", "--out", "ftp://host/x"], "--out"),
-    (["--from", "folder", "--in", "IN", "--out", "HERE"], "--out"),  # not empty and holds no conversion
+    (["--from", "folder", "--in", "IN", "--out", "OTHER"], "--out"),  # not empty and holds no conversion
+    (["--from", "folder", "--in", "IN", "--out", "OTHER", "--overwrite"], "--overwrite"),  # ... so not deleted
+    (["--from", "folder", "--in", "IN", "--out", "IN/mds"], "--out"),  # inside --in
     (["--from", "folder", "--in", "IN", "--out", "OUT", "--bogus"], "--bogus"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, capsys, args, flag):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(_encode(0))
-    (tmp_path / "stray.txt").write_text("x")
-    paths = {"IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out"), "HERE": str(tmp_path)}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    paths = {"IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out"), "OTHER": str(tmp_path / "other")}
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["data", "convert", *DEFAULTS, *(paths.get(a, a) for a in args)])
+        cli_main(["data", "convert", *DEFAULTS, *(paths.get(a, a).replace("IN/", paths["IN"] + "/") for a in args)])
+    assert (tmp_path / "other" / "notes.txt").is_file()
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and flag in err, err
 
