@@ -153,6 +153,13 @@ class ProgressiveResolution(L.Callback):
         objective = getattr(pl_module, "objective", None)
         if objective is None or not callable(getattr(objective, "set_resolution", None)):
             raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
+        sharded = _sharded_strategy(trainer.strategy)
+        if sharded and len(self.stages) > 1:
+            raise ConfigError(
+                f"{FLAG}.stages: {sharded} shards the parameters, so the position grid cannot change in the middle of "
+                "a run; give one stage per launch and start each from the previous one's checkpoint with "
+                "InitFromCheckpoint (configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
+            )
         self._patch = _patch_size(pl_module)
         for i, st in enumerate(self.stages):
             for name in ("global_crop_size", "local_crop_size"):
@@ -249,6 +256,16 @@ def _patch_size(pl_module: L.LightningModule) -> int:
               **(getattr(pl_module, "backbone_overrides", None) or {})}
     default = inspect.signature(VisionTransformer.__init__).parameters["patch_size"].default
     return int(config.get("patch_size", default))
+
+
+def _sharded_strategy(strategy: Any) -> str | None:
+    """The name of ``strategy`` when it does not keep every parameter whole on every rank (FSDP, FSDP2, DeepSpeed:
+    even ZeRO-1/2 keep the Adam moments in flat partitions that a new parameter shape cannot enter), else ``None``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    return None
 
 
 def _is_sharded(param: Tensor) -> bool:

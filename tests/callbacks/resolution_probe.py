@@ -1,13 +1,20 @@
-"""A test-only callback that records what each step saw (view shapes, learning rates) and each rank's final state."""
+"""Test helpers of the resolution tests: a callback recording what each step saw (view shapes, learning rates) and
+each rank's final state, a tiny DINOv2 module, and a 2-rank FSDP2 worker (importable by spawned processes)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
+from lit_webssl.callbacks.resolution import InitFromCheckpoint
+from lit_webssl.objectives import DINOv2
+
+from lit_webssl.module import LitWebSSL
 
 
 class StepRecorder(L.Callback):
@@ -49,3 +56,38 @@ class StepRecorder(L.Callback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         moments = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
         torch.save({"state_dict": pl_module.state_dict(), "moments": moments}, self.out / f"state_rank{rank}.pt")
+
+
+def tiny_dino_module(**objective_args: Any) -> LitWebSSL:
+    """``vit_debug`` (32 px, patch 4: an 8 x 8 grid, width 32) with a tiny DINOv2 (16 prototypes); not yet built."""
+    objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
+                       ibot_hidden_dim=16, ibot_bottleneck_dim=8, global_crop_size=32, local_crop_size=16,
+                       **objective_args)
+    return LitWebSSL(objective, backbone="vit_debug")
+
+
+def fsdp2_warm_start_worker(rank: int, port: int, root: str) -> None:
+    """One rank of a 2-rank gloo group: FSDP2-shard a tiny DINOv2 module at a 12 x 12 grid, warm-start it from
+    ``<root>/source.ckpt`` (8 x 8 grid) and save the gathered state to ``<root>/loaded<rank>.pt``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        target = tiny_dino_module()
+        target.backbone_overrides["img_size"] = 48  # the new stage's 12 x 12 grid
+        target.configure_model()
+        vits = [target.backbone, target.objective.teacher["backbone"]]
+        for block in (b for vit in vits for b in vit.blocks):
+            fully_shard(block, mesh=mesh)
+        fully_shard(target, mesh=mesh)
+        assert hasattr(target.backbone.pos_embed, "device_mesh")  # a DTensor: rank 1 holds none of the (1, N, D) rows
+        InitFromCheckpoint(str(Path(root) / "source.ckpt")).on_fit_start(SimpleNamespace(ckpt_path=None), target)
+        loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in target.state_dict().items()}
+        torch.save(loaded, Path(root) / f"loaded{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -22,11 +22,11 @@ from lit_webssl.callbacks.resolution import (
     resample_table,
 )
 from lit_webssl.objectives import CLIP, MAE, DINOv2
+from resolution_probe import fsdp2_warm_start_worker, tiny_dino_module
 
 from lit_webssl.backbone import VisionTransformer, sincos_pos_embed
 from lit_webssl.cli import main
 from lit_webssl.errors import ConfigError
-from lit_webssl.module import LitWebSSL
 
 HERE = Path(__file__).resolve().parent
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -117,11 +117,7 @@ def _fake_datamodule(batch_size: int = 12):
     return SimpleNamespace(batch_size=batch_size, set_views=lambda v: views.update(views=list(v)), views=views)
 
 
-def _module(**objective_args) -> LitWebSSL:
-    objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
-                       ibot_hidden_dim=16, ibot_bottleneck_dim=8, global_crop_size=32, local_crop_size=16,
-                       **objective_args)
-    return LitWebSSL(objective, backbone="vit_debug")
+_module = tiny_dino_module
 
 
 def test_crop_sizes_must_be_multiples_of_the_patch_size():
@@ -129,6 +125,19 @@ def test_crop_sizes_must_be_multiples_of_the_patch_size():
                                       {"start": 10, "global_crop_size": 48, "local_crop_size": 18}])
     with pytest.raises(ConfigError, match=r"stages\[1\]\.local_crop_size=18 is not divisible by the patch size 4"):
         callback.setup(_fake_trainer(_fake_datamodule()), _module(), "fit")
+
+
+def test_sharded_strategies_take_one_stage_per_launch():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = _fake_trainer(_fake_datamodule())
+    trainer.strategy = ModelParallelStrategy()
+    two = ProgressiveResolution([{"start": 0, "global_crop_size": 32}, {"start": 10, "global_crop_size": 48}])
+    with pytest.raises(ConfigError, match=r"stages: ModelParallelStrategy shards the parameters.*InitFromCheckpoint"):
+        two.setup(trainer, _module(), "fit")
+    module = _module()
+    ProgressiveResolution([{"start": 0, "global_crop_size": 48}]).setup(trainer, module, "fit")
+    assert module.backbone_overrides["img_size"] == 48  # built at the stage's grid, before any sharding
 
 
 def test_samples_convert_to_steps_with_each_previous_stage_global_batch():
@@ -258,6 +267,24 @@ def test_warm_start_from_a_checkpoint_at_another_grid(tmp_path):
         InitFromCheckpoint(str(tmp_path / "missing.ckpt")).on_fit_start(_fake_trainer(None), target)
 
 
+# -- FSDP2 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_warm_start_loads_fsdp2_shards_on_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    source = tiny_dino_module()
+    source.configure_model()
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")  # 8 x 8 grid
+    mp.spawn(fsdp2_warm_start_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    stored = source.state_dict()
+    for rank in (0, 1):
+        loaded = torch.load(tmp_path / f"loaded{rank}.pt")
+        assert loaded.keys() == stored.keys()
+        for key, value in stored.items():
+            expected = resample_table(value, 12) if key.endswith("pos_embed") else value
+            assert torch.equal(loaded[key], expected), (rank, key)
+
+
 # -- DDP -----------------------------------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
@@ -292,19 +319,31 @@ def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
 
 
 # -- high-resolution stage configs -----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "size"), [("vit_7b_378", 378), ("vit_7b_518", 518)])
-def test_high_res_config_starts_from_the_previous_stage_checkpoint(name, size, tmp_path, monkeypatch):
+def _init_path(config: dict) -> str:
+    callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("InitFromCheckpoint"))
+    return callback["init_args"]["path"]
+
+
+def test_high_res_configs_chain_224_378_518():
+    configs = {name: yaml.safe_load((CONFIGS / "webdino" / f"{name}.yaml").read_text())
+               for name in ("vit_7b", "vit_7b_378", "vit_7b_518")}
+    for previous, name, size in [("vit_7b", "vit_7b_378", 378), ("vit_7b_378", "vit_7b_518", 518)]:
+        config = configs[name]
+        objective = config["model"]["objective"]["init_args"]
+        assert objective["global_crop_size"] == config["model"]["backbone_overrides"]["img_size"] == size
+        assert objective["local_crop_size"] % 14 == 0 and size % 14 == 0
+        assert _init_path(config) == f"runs/{configs[previous]['run_name']}/checkpoints/last.ckpt"
+
+
+def test_high_res_config_starts_from_the_previous_stage_checkpoint(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
+    name = "vit_7b_378"
     config = yaml.safe_load((CONFIGS / "webdino" / f"{name}.yaml").read_text())
-    objective = config["model"]["objective"]["init_args"]
-    assert objective["global_crop_size"] == config["model"]["backbone_overrides"]["img_size"] == size
-    assert objective["local_crop_size"] % 14 == 0 and size % 14 == 0
     # The real file, shrunk: a tiny ViT whose previous stage had a 4 x 4 grid, trained one step at 24 px (6 x 6).
     source = _module()
     source.backbone_overrides["img_size"] = 16
     source.configure_model()
-    init_path = Path(next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("InitFromCheckpoint"))
-                     ["init_args"]["path"])
+    init_path = Path(_init_path(config))
     init_path.parent.mkdir(parents=True)
     torch.save({"state_dict": source.state_dict()}, init_path)
     data = tiny_demo(tmp_path, n_train=16, n_val=8)
