@@ -447,9 +447,9 @@ class WebSSLDataModule(L.LightningDataModule):
             retry(clean_up_fn=downloader.clean_up, num_attempts=self.download_retry)(
                 lambda: downloader.download(source, tmp, self.download_timeout))()
             os.replace(tmp, target)
-        except FileNotFoundError as err:
-            return f"{flag}: no MDS index at {redact_remote(source)} ({_one_line(err)})"
         except Exception as err:  # noqa: BLE001 - any client error means the same to the user: it cannot be read
+            if isinstance(err, FileNotFoundError) or "not found" in str(err).lower():  # reached, but no such object
+                return f"{flag}: no MDS index at {redact_remote(source)} ({_one_line(err)})"
             return f"{flag} {shown} unreachable after {self.download_retry} tries: {_one_line(err)}"
         finally:
             downloader.clean_up()
