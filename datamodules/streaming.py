@@ -450,7 +450,8 @@ class WebSSLDataModule(L.LightningDataModule):
         except Exception as err:  # noqa: BLE001 - any client error means the same to the user: it cannot be read
             if isinstance(err, FileNotFoundError) or "not found" in str(err).lower():  # reached, but no such object
                 return f"{flag}: no MDS index at {redact_remote(source)} ({_one_line(err)})"
-            return f"{flag} {shown} unreachable after {self.download_retry} tries: {_one_line(err)}"
+            tries = f"{self.download_retry} {'try' if self.download_retry == 1 else 'tries'}"
+            return f"{flag} {shown} unreachable after {tries}: {_one_line(err)}"
         finally:
             downloader.clean_up()
         return None

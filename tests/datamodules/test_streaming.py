@@ -1,17 +1,29 @@
-"""The Streaming datamodule: batch layout, splits, kNN loaders, early config errors and corrupt-image tolerance."""
+"""The Streaming datamodule: batch layout, splits, kNN loaders, early config errors, corrupt-image tolerance (also
+through a CLI fit and its logged metric), unreachable remotes and remotes with credentials."""
 
 from __future__ import annotations
 
+import csv
+import inspect
 import logging
+import os
+import re
+import time
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, WebSSLDataModule
+import torch.multiprocessing as mp
+import yaml
+from helpers import CONFIGS, free_port
+from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, StreamSpec, WebSSLDataModule
 from lit_webssl.objectives.base import ViewSpec
 from streaming import MDSWriter
 from streaming.base.local import LocalDataset
+
+from lit_webssl.cli import main
 
 N_TRAIN, N_VAL, SIZE = 48, 20, 40  # the demo_root fixture (conftest.py)
 VIEWS = [
@@ -160,3 +172,108 @@ def test_remote_reads_through_a_local_cache(demo_root, tmp_path):
     bank, queries = dm.knn_dataloaders(size=SIZE, batch_size=16)
     assert sum(len(b["label"]) for b in bank) == N_TRAIN and sum(len(b["label"]) for b in queries) == N_VAL
     assert (tmp_path / "cache" / "_knn_cache" / "val" / "index.json").is_file()
+
+
+# -- corrupt data, unreachable remotes, credentials ---------------------------------------------------------------
+def _fit_config(tmp_path: Path, block: dict) -> list[str]:
+    """mae_tiny shrunk to one block, without the kNN probe, then ``block`` as a second config."""
+    config = yaml.safe_load((CONFIGS / "demo" / "mae_tiny.yaml").read_text())
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith(("KNNProbe", "ProgressBar"))]
+    config["trainer"].update(enable_progress_bar=False, log_every_n_steps=1, limit_val_batches=0,
+                             val_check_interval=None, check_val_every_n_epoch=1)
+    config["model"]["backbone_overrides"].update(embed_dim=32, depth=1, num_heads=2)
+    config["model"]["objective"]["init_args"].update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "block.yaml").write_text(yaml.safe_dump(
+        {"data": {"class_path": "lit_webssl.datamodules.WebSSLDataModule", "init_args": block}}))
+    return ["fit", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "block.yaml")]
+
+
+def test_truncated_jpegs_in_a_shard_are_skipped_and_counted_by_a_cli_fit(demo_root, tmp_path):
+    good = LocalDataset(str(demo_root), "train")
+    images = [good[i]["image"] for i in range(16)]
+    _write_mds(tmp_path / "clean" / "train", images[:8], labels=list(range(8)))
+    planted = images[8:]
+    for i in (2, 5):  # not adjacent: each costs one substitution
+        planted[i] = planted[i][: len(planted[i]) // 2]
+    _write_mds(tmp_path / "planted" / "train", planted, labels=list(range(8)))
+    block = {"local": None, "streams": [{"local": str(tmp_path / "clean")}, {"local": str(tmp_path / "planted")}],
+             "val_split": None, "batch_size": 8, "num_workers": 1, "pin_memory": False}
+    main([*_fit_config(tmp_path, block), "--run_name", "corrupt", "--trainer.max_steps", "2"])  # one epoch of 16
+    rows = list(csv.DictReader((Path("runs/corrupt/version_0/metrics.csv")).open()))
+    logged = [float(r["train/corrupt_samples"]) for r in rows if r.get("train/corrupt_samples")]
+    assert logged == [2.0]
+    assert int(rows[-1]["step"]) == 1 and Path("runs/corrupt/checkpoints/last.ckpt").is_file()
+
+
+@pytest.fixture
+def closed_s3(monkeypatch) -> str:
+    """An S3 endpoint on a closed port of 127.0.0.1, dummy credentials and one boto attempt per Streaming try."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    for key, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+        monkeypatch.setenv(key, value)
+    return endpoint
+
+
+def test_an_unreachable_remote_stops_the_fit_fast_with_one_line(closed_s3, tmp_path, capsys):
+    block = {"local": str(tmp_path / "cache"), "remote": "s3://bucket/mc2b", "download_retry": 2,
+             "download_timeout": 2, "val_split": None, "num_workers": 0}
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main([*_fit_config(tmp_path, block), "--run_name", "unreachable", "--trainer.max_steps", "1"])
+    assert time.monotonic() - start < 30
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "error: --data.remote s3://bucket/mc2b unreachable after 2 tries: EndpointConnectionError: Could not connect")
+
+
+def _unreachable_on_two_ranks(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        dm = WebSSLDataModule(str(Path(out) / "cache"), remote="s3://bucket/mc2b", download_retry=1, val_split=None)
+        with pytest.raises(DataConfigError) as err:
+            dm.setup("fit")
+        Path(out, f"rank{rank}.txt").write_text(str(err.value))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_every_rank_stops_with_the_downloading_ranks_error(closed_s3, tmp_path):
+    """Only the first rank of a node downloads; the others must not wait for a file that never comes."""
+    mp.start_processes(_unreachable_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("--data.remote s3://bucket/mc2b unreachable after 1 try: ")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"local": "cache", "remote": "s3://AKIAKEYID:sEcReT123@bucket/mc2b"}, "--data.remote"),
+        ({"local": "cache", "remote": "s3://bucket/mc2b?X-Amz-Signature=sEcReT123"}, "--data.remote"),
+        ({"streams": [{"local": "a"}, {"local": "b", "remote": "gs://tok:sEcReT123@bucket/x"}]},
+         "--data.streams[1].remote"),
+        ({"local": "cache", "remote": "sftp://user:sEcReT123@host/data"}, "--data.remote"),
+    ],
+    ids=["userinfo", "query", "stream", "sftp_password"],
+)
+def test_remotes_with_credentials_are_refused_without_echoing_them(kwargs, flag):
+    with pytest.raises(DataConfigError) as err:
+        WebSSLDataModule(**kwargs)
+    message = str(err.value)
+    assert message.startswith(f"{flag}: ") and "embeds credentials" in message
+    assert "sEcReT123" not in message and "AKIAKEYID" not in message and "\n" not in message
+
+
+def test_the_datamodule_takes_no_secrets():
+    names = set(inspect.signature(WebSSLDataModule).parameters) | {f.name for f in fields(StreamSpec)}
+    assert not [n for n in names if re.search(r"key_id|secret|token|password|credential|access_key", n)]
+    WebSSLDataModule("cache", remote="sftp://user@host/data")  # an account name is no secret
+    WebSSLDataModule("cache", remote="s3://bucket/mc2b")
