@@ -230,7 +230,7 @@ def redact_remote(remote: str) -> str:
 
 def check_remote(flag: str, remote: str) -> None:
     """Refuse a remote that embeds credentials (``scheme://key:secret@...``, a token in ``?query``): they would
-    end up in the saved ``config.yaml``, the logs and the checkpoints' hyper-parameters."""
+    end up in every run's saved ``config.yaml``, in logs and in error messages."""
     parts = urllib.parse.urlsplit(remote)
     if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
         return
@@ -267,7 +267,7 @@ class WebSSLDataModule(L.LightningDataModule):
         remote: Object-storage root (``s3://bucket/prefix``, ``gs://...``) read through Streaming's own clients;
             ``None`` reads ``local`` directly. Credentials come from the client's environment, never from here.
         streams: A mixture of datasets, each ``{local, remote, proportion | repeat | choose}``, instead of
-            ``local``/``remote``. Validation and the kNN probe read every stream once, the probe the first one only.
+            ``local``/``remote``. Validation reads every sample of every stream once; the kNN probe the first stream.
         epoch_size: Samples per epoch over all streams (Streaming's ``epoch_size``); only with ``proportion``
             weights or none (streams are then drawn in proportion to their size). ``None``: the streams' own total.
         download_retry: Tries per file fetched from a remote (index and shards) before the run stops, at least 1.
@@ -459,7 +459,8 @@ class WebSSLDataModule(L.LightningDataModule):
     def _fetch_indices(self, splits: Sequence[str], collective: bool = True) -> None:
         """Fetch the index of every remote stream's ``splits`` before anything is built, so an unreachable remote
         stops the run at once, on every rank, with one line naming it. The first rank of each node downloads; with
-        ``collective`` the ranks then exchange their errors (this also makes the others wait for the download)."""
+        ``collective`` and a remote stream, the ranks then exchange their errors (which also makes the others wait
+        for the download), so every rank must call (``setup`` does, on every rank)."""
         error = None
         first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
         for i, spec in enumerate(self.streams):
@@ -468,7 +469,8 @@ class WebSSLDataModule(L.LightningDataModule):
                 if spec.remote is not None and missing and first_on_node and error is None:
                     error = self._fetch_index(i, spec, split)
         dist = torch.distributed
-        if collective and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        remote = any(spec.remote is not None for spec in self.streams)
+        if collective and remote and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             errors: list[str | None] = [None] * dist.get_world_size()
             dist.all_gather_object(errors, error)
             error = next((e for e in errors if e), None)
