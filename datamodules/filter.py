@@ -10,8 +10,8 @@ better CPU scorer of each level as measured on the demo text set, docs/filter.md
 
 * ``classical`` (default of ``--keep light``): a language-free text detector on the CPU (OpenCV). Maximally stable
   extremal regions that look like characters (size, aspect, fill and stroke width) are chained into words (three or
-  more characters side by side of similar height; periodic patterns are rejected). Light score: characters in
-  words; heavy score: number of words.
+  more characters side by side of similar height; periodic patterns are rejected). Light score: character-like
+  regions in words; heavy score: number of words.
 * ``ocr`` (default of ``--keep heavy``): the Tesseract OCR engine (``tesseract`` binary, sparse-text mode) on the
   images where the classical detector sees at least one word. Light and heavy score: number of confidently read
   words (confidence >= 60, two or more letters or digits).
@@ -62,8 +62,8 @@ DEFAULT_SCORER = {"light": "classical", "heavy": "ocr"}
 """The scorer of each ``--keep`` level when ``--scorer`` is not given: the better one measured on the demo text set
 (benchmarks/bench_text_filter.py; docs/filter.md)."""
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "classical": {"light": 5.0, "heavy": 5.0},  # characters in words / words (chosen on the demo text set's train)
-    "ocr": {"light": 1.0, "heavy": 5.0},  # confident words
+    "classical": {"light": 5.0, "heavy": 5.0},  # regions in words / words (best F1 on the demo text set's train)
+    "ocr": {"light": 1.0, "heavy": 6.0},  # confident words (same)
     "vlm": {"light": 0.5, "heavy": 0.5},  # P(yes)
 }
 """Keep an image when its score for the level is at least this (``--threshold`` replaces the ``--keep`` level's)."""
@@ -110,8 +110,8 @@ class ClassicalScorer(TextScorer):
     region's border, at most ``max_stroke`` of the height: filled dots are not letters) are those of a character;
     nested duplicates are merged. Characters of similar height whose vertical centres line up and whose gap is at
     most ``max_gap`` of their height are chained; a chain of three or more is a word unless its members are all of
-    one width and fill (a periodic pattern such as crosses or dots). Scores: ``light`` = characters in words,
-    ``heavy`` = words.
+    one width and fill (a periodic pattern such as crosses or dots). Scores: ``light`` = character-like regions in
+    words (the holes of letters count too), ``heavy`` = words (a line with narrow spaces chains into one).
 
     Args:
         max_side: Larger images are scaled down to this side first (speed; text stays above the minimum height).
@@ -220,8 +220,8 @@ class OCRScorer(TextScorer):
     ``tesseract`` process, so ``--workers`` processes run that many at once. Scores: ``light`` = ``heavy`` = the number
     of words read with confidence >= ``min_conf`` that have two or more letters or digits.
 
-    With ``prescreen`` (default), the classical detector looks first, about 20 times faster: an image in which it
-    finds no word (three characters side by side) scores 0 without running Tesseract. On the demo text set every
+    With ``prescreen`` (default), the classical detector looks first, more than ten times faster: an image in which
+    it finds no word (three characters side by side) scores 0 without running Tesseract. On the demo text set every
     text-dense image passes the prescreen; on web data, where about half of the images hold no text, it halves the
     OCR calls.
 

@@ -125,6 +125,7 @@ def test_classical_scorer_finds_words_and_pages_not_patterns():
         assert scorer.score_one(image)["light"] < light
     sign = scorer.score_one(_words_image(SIGN, px=30))
     assert sign["light"] >= light and sign["heavy"] < heavy
+    assert scorer.score_one(255 - _words_image(SIGN, px=30)) == sign  # white on black: both polarities
     page = scorer.score_one(_words_image(PAGE, px=14))
     assert page["heavy"] >= heavy and page["light"] >= 40
 
