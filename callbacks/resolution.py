@@ -479,8 +479,9 @@ class InitFromCheckpoint(L.Callback):
     Loads the whole module state (student backbone, heads, EMA teacher, loss buffers such as DINO's center) from a
     Lightning checkpoint (``state_dict``) or a plain state dict, resamples every stored ``pos_embed`` to the grid of
     the ViT it goes to (bicubic for learned tables, as :meth:`VisionTransformer.resample_pos_embed`), and copies it
-    in place at the start of fit. The optimizer, schedules and data position start fresh; that is the high-resolution
-    adaptation recipe (RECIPE section 6): a 224 px run's weights continued at 378, then 518 px.
+    in place at the start of fit (then DeepSpeed's fp32 master copies are refreshed from the loaded weights). The
+    optimizer, schedules and data position start fresh; that is the high-resolution adaptation recipe (RECIPE
+    section 6): a 224 px run's weights continued at 378, then 518 px.
 
     Skipped when the run resumes from its own checkpoint (``--ckpt_path``), which restores everything. Sharded
     checkpoints (ZeRO-3 or FSDP2 directories) must first be consolidated into one file (``docs/resolution.md``).
@@ -520,5 +521,8 @@ class InitFromCheckpoint(L.Callback):
                 grid = grid_of(torch.empty(_full_shape(vit.pos_embed), device="meta"), vit.num_prefix_tokens)
                 state[key] = resample_table(state[key].float(), grid, vit.pos_embed_kind, vit.num_prefix_tokens)
         load_full_state(pl_module, state, strict=self.strict, exclude=self.exclude)
+        for optimizer in _optimizers(trainer):  # DeepSpeed keeps fp32 master copies made when the engine was built
+            if callable(getattr(optimizer, "refresh_fp32_params", None)):
+                optimizer.refresh_fp32_params()
         self.loaded = True
         rank_zero_info(f"InitFromCheckpoint: loaded {len(state)} tensors from {self.path}")

@@ -3,6 +3,7 @@ each rank's final state, a tiny DINOv2 module, and a 2-rank FSDP2 worker (import
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -52,10 +53,22 @@ class StepRecorder(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         (self.out / f"steps_rank{rank}.json").write_text(json.dumps({"train": self.steps, "val": self.val}))
-        optimizer = trainer.optimizers[0]
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        moments = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
-        torch.save({"state_dict": pl_module.state_dict(), "moments": moments}, self.out / f"state_rank{rank}.pt")
+        partitioned = [p for p in pl_module.parameters() if hasattr(p, "ds_id")]  # ZeRO-3
+        if partitioned:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(partitioned)
+        else:
+            gather = contextlib.nullcontext()
+        with gather:  # whole tensors on every rank, whatever the strategy (FSDP2 DTensors are gathered one by one)
+            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach().clone()
+                     for k, v in pl_module.state_dict().items()}
+        moments = {}
+        if not partitioned and not any(hasattr(p, "device_mesh") for p in pl_module.parameters()):
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            optimizer = trainer.optimizers[0]
+            moments = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        torch.save({"state_dict": state, "moments": moments}, self.out / f"state_rank{rank}.pt")
 
 
 def tiny_dino_module(**objective_args: Any) -> LitWebSSL:
