@@ -653,7 +653,7 @@ def filter_dataset(src: str | Path, dst: str | Path, keep: str, scorer: TextScor
         workers: Processes that decode and score images (not the VLM's, which batches on its device).
         image_key: Column holding the image.
         truth_key: Column with ``none``/``light``/``heavy`` truth; when present, precision and recall are reported.
-        overwrite: Replace an existing ``dst``.
+        overwrite: Replace an existing ``dst`` that an earlier filter wrote (it holds ``filter.json``).
 
     Returns:
         The summary: settings and, per split, ``samples``, ``kept``, ``kept_fraction``, ``undecodable``,
@@ -678,10 +678,15 @@ def filter_dataset(src: str | Path, dst: str | Path, keep: str, scorer: TextScor
     if not src.is_dir():
         raise ConfigError(f"--in: {src} is not a directory")
     splits = find_splits(src)
-    if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConfigError(f"--out: {dst} must lie outside --in {src}")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConfigError(f"--out: {dst} exists and is not empty; pass --overwrite to replace it")
+    if src.resolve() == dst.resolve() or {src.resolve(), dst.resolve()} & {*src.resolve().parents,
+                                                                           *dst.resolve().parents}:
+        raise ConfigError(f"--out: {dst} and --in {src} must not contain one another")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"--out: {dst} exists and is not empty; pass --overwrite to replace it")
+        if not (dst / SUMMARY).is_file():
+            raise ConfigError(f"--out: {dst} is not the output of an earlier filter (no {SUMMARY}); --overwrite "
+                              "replaces only those, remove it yourself")
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -718,6 +723,11 @@ def _describe(split: str, r: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
+def _cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one-line :class:`ConfigError` (the CLI prints them and exits 2)."""
 
@@ -747,7 +757,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm-batch-size", type=int, default=8, help="images per VLM forward (default: %(default)s)")
     p.add_argument("--vlm-no-split", action="store_true", help="one global view per image instead of SmolVLM's "
                    "tiles (several times faster, misses more small text)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16),
+    p.add_argument("--workers", type=int, default=min(_cpus(), 16),
                    help="processes decoding and scoring images, not used by the vlm scorer (default: CPU count, "
                    "at most 16: %(default)s)")
     p.add_argument("--image-key", default="image", help="column holding the image (default: %(default)s)")

@@ -189,6 +189,10 @@ def test_filter_flat_layout_drops_undecodable_and_refilters(tmp_path: Path):
     assert [r["id"] for r in _rows(tmp_path / "again")] == [0] and again["splits"]["."]["samples"] == 2
     with pytest.raises(ConfigError, match="--out: .* exists"):
         filter_dataset(src, tmp_path / "light", "light", "classical")
+    with pytest.raises(ConfigError, match="--out: .* not the output of an earlier filter"):
+        filter_dataset(tmp_path / "light", src, "light", "classical", overwrite=True)  # never deletes the source
+    with pytest.raises(ConfigError, match="must not contain one another"):
+        filter_dataset(src, src / "sub", "light", "classical")
     filter_dataset(src, tmp_path / "light", "light", "classical", threshold=1e9, overwrite=True)
     assert _rows(tmp_path / "light") == []
     empty = filter_dataset(tmp_path / "light", tmp_path / "empty", "light", "classical")  # nothing in, nothing out
