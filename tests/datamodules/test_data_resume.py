@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +89,22 @@ def _script_fit(*args: str) -> None:
                WORLD_SIZE=str(RANKS),
                PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "lit_webssl", *args, "--trainer.strategy", "ddp_find_unused_parameters_true"]
-    ranks = [subprocess.Popen(command, env={**env, "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(RANKS)]
-    errors = [rank.communicate(timeout=300)[1] for rank in ranks]
-    for rank, proc in enumerate(ranks):
-        assert proc.returncode == 0, f"rank {rank}: {errors[rank][-3000:]}"
+    logs = [open(out, "w+") for out in (f"script_rank{r}.log" for r in range(RANKS))]  # noqa: SIM115
+    ranks = [subprocess.Popen(command, env={**env, "LOCAL_RANK": str(r)}, stdout=logs[r], stderr=subprocess.STDOUT)
+             for r in range(RANKS)]
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in ranks) and time.monotonic() < deadline:
+        if any(p.returncode for p in ranks):  # one rank failed: the others would wait for it until gloo's timeout
+            break
+        time.sleep(0.2)
+    for p in ranks:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for r, (p, log) in enumerate(zip(ranks, logs, strict=True)):
+        log.seek(0)
+        assert p.returncode == 0, f"rank {r} (exit {p.returncode}): {log.read()[-3000:]}"
+        log.close()
 
 
 def _records(out: Path, tag: str) -> list[dict[str, Any]]:
