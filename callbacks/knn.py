@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lit_webssl.callbacks.metrics_file import update_metrics_file
+from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.objectives.base import normalize_uint8
 from torch import Tensor, nn
 
 from lit_webssl.errors import ConfigError
 from lit_webssl.knn import knn_top1
+from lit_webssl.parallel import strategy_family
 
 log = logging.getLogger(__name__)
 Pool = Literal["cls", "mean", "cls+mean"]
@@ -118,6 +120,9 @@ class KNNProbe(L.Callback):
             results["knn_top1_pixel"] = self._score(
                 loaders, lambda x: normalize_uint8(x, mean, std).flatten(1), device
             )
+            if _sharded(trainer):  # a whole random-init backbone on one rank is what sharding avoids
+                log.info("kNN: no random-init baseline under a sharded strategy")
+                return results
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 random_init = pl_module.build_backbone().to(device).eval()
@@ -130,22 +135,25 @@ class KNNProbe(L.Callback):
         if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or _sharded(trainer):
             top1 = self.evaluate(trainer, pl_module, baselines=False)["knn_top1"]
-            for logger in trainer.loggers:
-                logger.log_metrics({"knn/top1": top1}, step=step)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"knn/top1": top1}, step=step)
         trainer.strategy.barrier()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.at_fit_end:
             return
-        if trainer.is_global_zero:
+        log_dir = run_log_dir(trainer)
+        if trainer.is_global_zero or _sharded(trainer):
             self.results = self.evaluate(trainer, pl_module, baselines=self.baselines)
             self.results["step"] = trainer.global_step
-            self._report(trainer)
+            if trainer.is_global_zero:
+                self._report(trainer, log_dir)
         trainer.strategy.barrier()
 
-    def _report(self, trainer: L.Trainer) -> None:
+    def _report(self, trainer: L.Trainer, log_dir: Path) -> None:
         from rich.console import Console
         from rich.table import Table
 
@@ -157,7 +165,12 @@ class KNNProbe(L.Callback):
             if key in self.results:
                 table.add_row(name, f"{100 * self.results[key]:.2f}%")
         Console().print(table)
-        path = update_metrics_file(trainer, self.results, self.metrics_file)
+        path = update_metrics_file(log_dir, self.results, self.metrics_file)
         log.info("kNN metrics written to %s", path)
         for logger in trainer.loggers:
             logger.log_metrics({f"knn/{k}": v for k, v in self.results.items() if k != "step"}, trainer.global_step)
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    """Sharded strategies (FSDP2, ZeRO-3) gather weights with collectives: every rank runs the probe's forwards."""
+    return strategy_family(trainer.strategy) != "replicated"

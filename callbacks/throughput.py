@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lit_webssl.callbacks.metrics_file import update_metrics_file
+from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 
 from lit_webssl.errors import ConfigError
 
@@ -101,8 +101,9 @@ class ThroughputMonitor(L.Callback):
         figures = self.figures(pl_module)
         peak = torch.tensor(float(figures["peak_memory_gib"]), device=pl_module.device)
         figures["peak_memory_gib"] = float(trainer.strategy.reduce(peak, reduce_op="max"))  # the fullest rank
+        log_dir = run_log_dir(trainer)
         if trainer.is_global_zero:
-            update_metrics_file(trainer, {**figures, "timed_steps": max(self._seen_steps - self.warmup_steps, 0)})
+            update_metrics_file(log_dir, {**figures, "timed_steps": max(self._seen_steps - self.warmup_steps, 0)})
 
 
 def _batch_images(batch: Any) -> int:

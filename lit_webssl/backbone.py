@@ -150,7 +150,8 @@ class VisionTransformer(nn.Module):
     @property
     def grid_size(self) -> int:
         """Side of the native patch grid stored in ``pos_embed``."""
-        return math.isqrt(self.pos_embed.shape[1] - self.num_prefix_tokens)
+        shape = getattr(self.pos_embed, "ds_shape", self.pos_embed.shape)  # ZeRO-3 keeps the whole shape aside
+        return math.isqrt(shape[1] - self.num_prefix_tokens)
 
     def init_weights(self, materialize: bool = False) -> None:
         """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init.
@@ -303,3 +304,32 @@ def grid_of(pos_embed: Tensor, num_prefix_tokens: int = 1, name: str = "pos_embe
     if tokens < 1 or grid * grid != tokens:
         raise ConfigError(f"{name}: {tokens} patch positions do not form a square grid")
     return grid
+
+
+def fit_pos_embed_grids(root: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
+    """The opposite of :func:`match_pos_embed_grids`: resample, in ``state_dict``, every stored position embedding
+    of a :class:`VisionTransformer` under ``root`` to that module's grid (weights taken at 224 px loaded into a
+    378 px run). Learned tables are interpolated as :meth:`VisionTransformer.pos_embed_for` does; a fixed sin-cos
+    table is dropped from ``state_dict``, so the module keeps its own exact one.
+
+    Returns:
+        The keys that were resampled.
+    """
+    changed = []
+    for name, module in root.named_modules():
+        if not isinstance(module, VisionTransformer):
+            continue
+        key = f"{name}.pos_embed" if name else "pos_embed"
+        stored = state_dict.get(key)
+        if stored is None or tuple(stored.shape[-2:]) == (module.grid_size**2 + module.num_prefix_tokens,
+                                                          module.embed_dim):
+            continue
+        if module.pos_embed_kind == "sincos":
+            del state_dict[key]
+            continue
+        grid = module.grid_size
+        grid_of(stored, module.num_prefix_tokens, key)  # a clear error for a non-square table
+        state_dict[key] = resample_abs_pos_embed(stored.float(), [grid, grid],
+                                                 num_prefix_tokens=module.num_prefix_tokens, antialias=False)
+        changed.append(key)
+    return changed

@@ -1,8 +1,9 @@
-"""Command line: ``python -m lit_webssl {fit,validate,plan,data,objectives,compare}`` on LightningCLI (jsonargparse).
+"""Command line: ``python -m lit_webssl {fit,validate,plan,data,checkpoint,objectives,compare}`` (LightningCLI).
 
 ``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
 ``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools;
 ``objectives`` lists the objectives registered by short name (built-in and plugins, :mod:`lit_webssl.registry`);
+``checkpoint convert`` makes one fp32 file of a sharded checkpoint (:mod:`lit_webssl.checkpoint`);
 ``compare`` trains several objectives on one shared config block and tabulates them (:mod:`lit_webssl.compare`).
 """
 
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
             return plan_main(argv[1:])
         if argv and argv[0] == "data":
             return data_main(argv[1:])
+        if argv and argv[0] == "checkpoint":
+            from lit_webssl.checkpoint import main as checkpoint_main
+
+            return checkpoint_main(argv[1:])
         if argv and argv[0] == "objectives":
             return objectives_main(argv[1:])
         if argv and argv[0] == "compare":

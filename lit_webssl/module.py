@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from lit_webssl.backbone import VisionTransformer, match_pos_embed_grids
+from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, match_pos_embed_grids
+from lit_webssl.checkpoint import read_state_dict
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
-from lit_webssl.parallel import apply_fsdp2, fsdp2_mesh, strategy_family
+from lit_webssl.parallel import apply_fsdp2, fsdp2_mesh, init_adam_state, load_full_state_dict, strategy_family
 from lit_webssl.presets import PRESETS, build_backbone
+
+log = logging.getLogger(__name__)
 
 
 class LitWebSSL(L.LightningModule):
@@ -33,6 +38,11 @@ class LitWebSSL(L.LightningModule):
         optim: Optimizer and learning-rate / weight-decay schedule.
         activation_checkpointing: Recompute each backbone block in the backward pass (saves activation memory for
             about a third more compute); the switch that strategy configs set (``configs/strategy/``).
+        init_from: Start from these weights instead of a random init: a whole-model file (``checkpoint convert``'s
+            output, or a single-file Lightning ``.ckpt``). Loaded tensor by tensor into the freshly built model under
+            any strategy; position embeddings stored at another grid are resampled to this run's (a 378 px stage
+            from a 224 px run). Keys of this model missing from the file keep their init (and are listed); a
+            resumed run (``--ckpt_path``) restores its checkpoint over them.
     """
 
     def __init__(
@@ -42,6 +52,7 @@ class LitWebSSL(L.LightningModule):
         backbone_overrides: dict[str, Any] | None = None,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 - a nested config group for jsonargparse
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if backbone not in PRESETS:
@@ -51,6 +62,9 @@ class LitWebSSL(L.LightningModule):
         self.backbone_overrides = dict(backbone_overrides or {})
         if activation_checkpointing:
             self.backbone_overrides["grad_checkpointing"] = True
+        if init_from is not None and not Path(init_from).is_file():
+            raise ConfigError(f"--model.init_from: no file at {init_from}")
+        self.init_from = init_from
         self.optim = optim or OptimConfig()
         self.backbone: VisionTransformer | None = None
         self.schedule: StepSchedule | None = None
@@ -79,6 +93,7 @@ class LitWebSSL(L.LightningModule):
         if strategy_family(strategy) != "fsdp2":
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
+            self._load_init_weights()
             return
         with torch.device("meta"):
             self.backbone = self.build_backbone()
@@ -90,6 +105,20 @@ class LitWebSSL(L.LightningModule):
         self.to_empty(device=strategy.root_device)
         self.backbone.init_weights(materialize=True)
         self.objective.init_weights(self.backbone)
+        self._load_init_weights()
+
+    def _load_init_weights(self) -> None:
+        """Load ``init_from`` into the built model (memory-mapped: ranks on a node share the pages)."""
+        if self.init_from is None:
+            return
+        state = read_state_dict(self.init_from)
+        resampled = fit_pos_embed_grids(self, state)
+        missing = load_full_state_dict(self, state, strict=False)
+        if resampled:
+            log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
+        if missing:
+            log.warning("init_from %s: %d tensors not in the file keep their init: %s", self.init_from,
+                        len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all ranks (per-device batch x world size x accumulation)."""
@@ -110,9 +139,12 @@ class LitWebSSL(L.LightningModule):
             return DeepSpeedCPUAdam(groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps,
                                     adamw_mode=True)
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
         )
+        if strategy_family(self._trainer.strategy if self._trainer is not None else None) == "fsdp2":
+            init_adam_state(optimizer)
+        return optimizer
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before Lightning loads the weights, give every ViT the position-embedding grid the checkpoint stores (a

@@ -121,11 +121,24 @@ def _full_shape(param: Tensor) -> tuple[int, ...]:
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
 
 
+def _local_pairs(pairs: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The rank-local tensor pairs behind parameter pairs: the shards, plus, for ZeRO-3 parameters that DeepSpeed
+    keeps whole on every rank (small "persistent" ones, below ``stage3_param_persistence_threshold``), the whole
+    copies as well: forward reads those, and DeepSpeed refreshes them only for parameters its optimizer steps, so an
+    EMA teacher that updated its partition alone would keep computing with its initial weights."""
+    for target, source in pairs:
+        yield local_shard(target), local_shard(source)
+        if is_partitioned(target) and target.data.numel() == target.ds_numel:
+            if source.data.numel() != source.ds_numel:
+                raise RuntimeError("EMA: a persistent ZeRO-3 teacher parameter paired with a partitioned student one")
+            yield target.data, source.data
+
+
 @torch.no_grad()
 def copy_local_shards(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
     """``target <- source`` for each pair, rank-locally (aligned shards, no communication)."""
-    for target, source in pairs:
-        local_shard(target).copy_(local_shard(source))
+    for target, source in _local_pairs(pairs):
+        target.copy_(source)
 
 
 @torch.no_grad()
@@ -134,8 +147,7 @@ def ema_local_shards(pairs: Iterable[tuple[Tensor, Tensor]], momentum: float) ->
     up-cast first, so an update below bf16 resolution still lands in an fp32 target). Empty shards (a rank that holds
     no part of a small tensor) are skipped: nothing is read from a partitioned-away placeholder."""
     targets, sources = [], []
-    for target, source in pairs:
-        t, s = local_shard(target), local_shard(source)
+    for t, s in _local_pairs(pairs):
         if t.numel() and s.numel():
             if t.shape != s.shape:
                 raise RuntimeError(f"EMA: local shards differ in shape ({tuple(t.shape)} vs {tuple(s.shape)}); "
@@ -216,3 +228,23 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict:
         else:
             tensor.copy_(value.to(tensor.dtype))
     return missing
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of an Adam(W) optimizer its zero state (step 0, zero moments) up front.
+
+    A parameter that never gets a gradient (the iBOT mask token when iBOT is off, or under MAE) otherwise has no
+    state, and a distributed checkpoint saved without it cannot be loaded: the loading side initializes every
+    parameter's state and then looks for all of it in the checkpoint. Zero state is what Adam starts from anyway, so
+    the updates are unchanged.
+    """
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            if param in optimizer.state and optimizer.state[param]:
+                continue
+            step = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+            state = {"step": step, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param)
+            optimizer.state[param] = state

@@ -214,8 +214,9 @@ class Objective(nn.Module, abc.ABC):
 def is_no_decay(name: str, param: Tensor) -> bool:
     """True for parameters that take no weight decay: biases, norms, LayerScale gammas, tokens, 1-D tensors."""
     leaf = name.rsplit(".", 1)[-1]
+    shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition is a 1-D placeholder; its shape is kept here
     return (
-        param.ndim <= 1
+        len(shape) <= 1
         or name.endswith(".bias")
         or "norm" in name
         or leaf in ("gamma", "pos_embed", "cls_token", "mask_token", "logit_scale")

@@ -422,8 +422,8 @@ class DINOv2(Objective):
         self.update_teacher(backbone, self.momentum_at(step - 1))
 
     def on_before_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
-        if not self.clip_grad:
-            return
+        if not self.clip_grad or any(is_partitioned(p) for p in backbone.parameters(recurse=False)):
+            return  # ZeRO-3 keeps gradients in its own partitioned buffers: DeepSpeed's global clip applies instead
         for module in self.student_modules(backbone).values():
             params = [p for p in module.parameters() if p.grad is not None]
             if params:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import CONFIGS, tiny_demo
-from lit_webssl.callbacks.metrics_file import update_metrics_file
+from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.callbacks.throughput import ThroughputMonitor, _batch_images
 
 from lit_webssl.compare import main, resolve_blocks
@@ -64,8 +64,8 @@ def test_blocks_resolve_by_name_or_path_and_bad_names_list_the_choices(tmp_path)
 
 def test_metrics_file_merges_and_is_replaced_atomically(tmp_path):
     trainer = SimpleNamespace(log_dir=str(tmp_path / "run"), default_root_dir=str(tmp_path))
-    update_metrics_file(trainer, {"knn_top1": 0.5, "step": 3})
-    path = update_metrics_file(trainer, {"images_per_sec": 10.0, "step": 4})
+    update_metrics_file(run_log_dir(trainer), {"knn_top1": 0.5, "step": 3})
+    path = update_metrics_file(run_log_dir(trainer), {"images_per_sec": 10.0, "step": 4})
     assert json.loads(path.read_text()) == {"knn_top1": 0.5, "step": 4, "images_per_sec": 10.0}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
