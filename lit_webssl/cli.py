@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(code)
             return None
         _cli(argv)
-    except (ConfigError, MisconfigurationException) as err:  # bad input: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # bad input: one line, no traceback (jsonargparse wraps errors from constructors)
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, (ConfigError, MisconfigurationException)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None

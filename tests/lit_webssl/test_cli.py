@@ -14,8 +14,13 @@ from lit_webssl.cli import WebSSLCLI, main
 from lit_webssl.module import LitWebSSL
 
 COMPARE = CONFIGS / "demo" / "compare"  # blocks: base.yaml + one objective block, composed by repeated --config
-ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != COMPARE)
+DATA = CONFIGS / "data"  # data blocks, given after a model config
+STRATEGY = CONFIGS / "strategy"  # strategy blocks, given after a model config
+BLOCK_DIRS = (COMPARE, DATA, STRATEGY)
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent not in BLOCK_DIRS)
 COMPARE_BLOCKS = sorted(p for p in COMPARE.glob("*.yaml") if p.name != "base.yaml")
+DATA_BLOCKS = sorted(DATA.glob("*.yaml"))
+STRATEGY_BLOCKS = sorted(STRATEGY.glob("*.yaml"))
 DEMO_CONFIGS = sorted((CONFIGS / "demo").glob("*.yaml"))
 
 
@@ -38,6 +43,33 @@ def test_every_comparison_block_composes_with_the_shared_block(block):
     cli = _parse(COMPARE / "base.yaml", block)
     assert cli.model.backbone_overrides == yaml.safe_load((COMPARE / "base.yaml").read_text())["model"][
         "backbone_overrides"]  # the objective block does not touch the shared backbone
+
+
+@pytest.mark.parametrize("block", DATA_BLOCKS, ids=lambda p: p.stem)
+def test_every_data_block_composes_with_a_model_config(block):
+    cli = _parse(CONFIGS / "webdino" / "vit_2b.yaml", block)
+    assert cli.datamodule.streams, "a data block gives the streams of a mixture"
+
+
+@pytest.mark.parametrize("model", ["webdino/vit_7b.yaml", "mae/vit_3b.yaml", "clip/vit_7b.yaml"])
+@pytest.mark.parametrize("block", STRATEGY_BLOCKS, ids=lambda p: p.stem)
+def test_every_strategy_block_composes_with_every_objective(block, model):
+    cli = _parse(CONFIGS / model, block)
+    strategy = cli.config.trainer.strategy
+    expected = yaml.safe_load(block.read_text())["trainer"]["strategy"]
+    assert strategy.class_path == expected["class_path"]
+    assert cli.config.trainer.precision == "bf16-mixed"
+    assert cli.model.backbone_overrides["grad_checkpointing"] is True  # the activation-checkpointing switch
+    base = yaml.safe_load((CONFIGS / model).read_text())["model"].get("backbone_overrides") or {}
+    assert {k: v for k, v in cli.model.backbone_overrides.items() if k != "grad_checkpointing"} == base
+
+
+@pytest.mark.parametrize("block", STRATEGY_BLOCKS, ids=lambda p: p.stem)
+def test_plan_reads_the_strategy_block(block, capsys):
+    main(["plan", "--config", str(CONFIGS / "webdino" / "vit_7b.yaml"), "--config", str(block),
+          "--devices", "8", "--nodes", "1", "--device-memory", "80"])
+    out = capsys.readouterr().out
+    assert "ZeRO-3" in out or "FSDP" in out
 
 
 def test_plan_builds_on_meta_and_prints_the_parameter_count(capsys):
