@@ -278,6 +278,10 @@ class WebSSLDataModule(L.LightningDataModule):
         num_workers: Loader worker processes per device.
         shuffle: Shuffle the training split (Streaming's ``py1e`` shuffle).
         shuffle_seed: Seed of the shuffle, of the mixture's draws and of the per-sample augmentation draws.
+        num_canonical_nodes: Streaming's number of canonical nodes, which fixes the global sample order whatever the
+            number of physical nodes (``None``: Streaming's default, which depends on the node count, so a run
+            resumed or repeated on another number of nodes sees another order). Set it (e.g. to the largest node
+            count the run will use) to keep one order across node counts.
         image_key: Column holding the encoded image bytes.
         label_key: Column holding an integer label (used by probes only); ``None`` when the data has none.
         caption_key: Column holding a caption, for objectives that need text; ``None``: no captions.
@@ -302,6 +306,7 @@ class WebSSLDataModule(L.LightningDataModule):
         num_workers: int = 2,
         shuffle: bool = True,
         shuffle_seed: int = 9176,
+        num_canonical_nodes: int | None = None,
         image_key: str = "image",
         label_key: str | None = "label",
         caption_key: str | None = None,
@@ -328,6 +333,9 @@ class WebSSLDataModule(L.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_seed = shuffle, shuffle_seed
+        if num_canonical_nodes is not None and num_canonical_nodes < 1:
+            raise DataConfigError(f"--data.num_canonical_nodes must be >= 1, got {num_canonical_nodes}")
+        self.num_canonical_nodes = num_canonical_nodes
         self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
         self.knn_train_samples, self.knn_val_samples = knn_train_samples, knn_val_samples
         self.pin_memory, self.drop_last, self.persistent_workers = pin_memory, drop_last, persistent_workers
@@ -529,7 +537,7 @@ class WebSSLDataModule(L.LightningDataModule):
             views=self.views, image_key=self.image_key, label_key=self.label_key, caption_key=self.caption_key,
             text_transform=self.text_transform, streams=self._streams(split, weighted),
             epoch_size=self.epoch_size if weighted else None, shuffle=shuffle, shuffle_seed=self.shuffle_seed,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, num_canonical_nodes=self.num_canonical_nodes,
         )
         return ResumableStreamingLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=drop_last,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def _fit(tmp: Path, data: Path, run: str, devices: int, extra: list[str], init: 
             "--config", str(_overlay(tmp / f"{run}.yaml", record)),
             "--trainer.devices", str(devices), "--run_name", run, "--model.init_from", str(init),
             "--data.init_args.local", str(data), "--data.init_args.batch_size", str(8 // devices),
-            "--data.init_args.num_workers", "0", *more]
+            "--data.init_args.num_workers", "0", "--data.init_args.num_canonical_nodes", "2", *more]
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     os.chdir(tmp)  # runs/ of every run of the module in one place (the autouse fixture restores the cwd)
     result = run_cli(*args, timeout=600, env=env)
@@ -141,3 +142,58 @@ def test_sharded_teacher_resume_and_conversion_match_the_unsharded_run(reference
     resumed_weights = read_state_dict(again)
     for key, value in weights.items():
         assert torch.equal(value, resumed_weights[key]), key
+
+
+# Each "node" gets its own /dev/shm, as real nodes have: Streaming keeps node-local state in shared memory under
+# names that only need to be unique within a node, so two nodes on one host would collide.
+_OWN_SHM = ["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm && exec $0", ]
+
+
+def _can_unshare() -> bool:
+    import subprocess
+
+    return subprocess.run([*_OWN_SHM[:-1], "mount -t tmpfs tmpfs /dev/shm"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` (root) to give each simulated node its own "
+                    "/dev/shm")
+def test_two_nodes_of_one_process_each_train_like_one_node(reference):
+    """Multi-node as documented (docs/scale.md): one ``torchrun`` per node with ``--nnodes 2 --node_rank r`` and a
+    shared master address; here both "nodes" are processes on 127.0.0.1, one CPU rank each, running FSDP2 (the mesh
+    is then 2 nodes x 1 device: sharded across the nodes). The result equals the unsharded reference run."""
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    tmp, data, init, ref_weights, ref_ids = reference
+    record = tmp / "ids" / "two_nodes"
+    args = ["fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *STRATEGIES["fsdp2"],
+            "--config", str(_overlay(tmp / "two_nodes.yaml", record)), "--trainer.devices", "1",
+            "--trainer.num_nodes", "2", "--run_name", "two_nodes", "--model.init_from", str(init),
+            "--data.init_args.local", str(data), "--data.init_args.batch_size", "4",
+            "--data.init_args.num_workers", "0", "--data.init_args.num_canonical_nodes", "2"]
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    os.chdir(tmp)
+    nodes = []
+    for rank in (0, 1):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                    "-m", "lit_webssl", *args]
+        nodes.append(subprocess.Popen([*_OWN_SHM, shlex.join(torchrun)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert _ids(record) == ref_ids
+    converted = tmp / "two_nodes_fp32.ckpt"
+    assert run_cli("checkpoint", "convert", str(tmp / "runs/two_nodes/checkpoints/last.ckpt"),
+                   str(converted)).returncode == 0
+    weights = read_state_dict(converted)
+    worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights if k.startswith("objective.teacher."))
+    assert worst <= 1e-6
