@@ -46,11 +46,19 @@ def decode_image(data: bytes) -> Tensor:
     if len(data) == 0:
         raise ValueError("undecodable image (0 bytes): empty")
     try:
-        return _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, TypeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         message = re.sub(r"^.*?\.cpp:\d+,\s*", "", message)  # drop torchvision's C++ source location
         raise ValueError(f"undecodable image ({len(data)} bytes, starting {bytes(data[:8])!r}): {message}") from err
+    if image.ndim == 4:  # an animated GIF: its frames; keep the first
+        image = image[0]
+    if image.dtype == torch.uint16:  # a 16-bit PNG: keep the 8 most significant bits
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"undecodable image ({len(data)} bytes): decoded to {image.dtype} {tuple(image.shape)}, "
+                         "not 8-bit RGB")
+    return image
 
 
 decode = decode_image

@@ -120,3 +120,17 @@ def test_decode_png_exactly_and_gray_to_rgb():
 def test_decode_rejects_garbage(data):
     with pytest.raises(ValueError, match="undecodable image"):
         decode_image(data)
+
+
+def test_16_bit_png_and_animated_gif_decode_to_8_bit_rgb():
+    """Data made by other tools: a 16-bit PNG keeps its top 8 bits, an animated GIF its first frame."""
+    deep = np.full((6, 5), 0xABCD, dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    image = decode_image(buf.getvalue())
+    assert image.dtype == torch.uint8 and image.shape == (3, 6, 5) and int(image[0, 0, 0]) == 0xAB
+    frames = [Image.new("RGB", (8, 4), colour) for colour in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    image = decode_image(buf.getvalue())
+    assert image.dtype == torch.uint8 and image.shape == (3, 4, 8) and image[:, 0, 0].tolist() == [255, 0, 0]
