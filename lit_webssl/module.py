@@ -182,8 +182,11 @@ class LitWebSSL(L.LightningModule):
         metrics = {f"{prefix}/{k}": v for k, v in out.metrics.items()}
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
         if "corrupt" in batch:
-            self.log(f"{prefix}/corrupt_samples", batch["corrupt"].sum().float(), on_step=False, on_epoch=True,
+            corrupt = batch["corrupt"].sum().float()
+            self.log(f"{prefix}/corrupt_samples", corrupt, on_step=False, on_epoch=True,
                      reduce_fx="sum", batch_size=batch_size, sync_dist=True)
+            if on_step:  # a live signal on this rank (an MC-2B epoch is the whole run); no collective
+                self.log(f"{prefix}/corrupt_in_step", corrupt, on_step=True, on_epoch=False, batch_size=batch_size)
         return out.loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
