@@ -285,16 +285,22 @@ def match_pos_embed_grids(root: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         The keys whose grid changed.
     """
     changed = []
-    for name, module in root.named_modules():
-        if not isinstance(module, VisionTransformer):
-            continue
-        key = f"{name}.pos_embed" if name else "pos_embed"
-        stored = state_dict.get(key)
-        if stored is None or tuple(stored.shape) == tuple(module.pos_embed.shape):
+    for key, module, stored in _stored_pos_embeds(root, state_dict):
+        if tuple(stored.shape) == tuple(module.pos_embed.shape):
             continue
         module.resample_pos_embed(grid_of(stored, module.num_prefix_tokens, key))
         changed.append(key)
     return changed
+
+
+def _stored_pos_embeds(root: nn.Module, state_dict: Mapping[str, Tensor]):
+    """``(key, module, stored table)`` for every :class:`VisionTransformer` under ``root`` with an entry in
+    ``state_dict`` (keys are ``root``'s own names)."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, VisionTransformer):
+            key = f"{name}.pos_embed" if name else "pos_embed"
+            if key in state_dict:
+                yield key, module, state_dict[key]
 
 
 def grid_of(pos_embed: Tensor, num_prefix_tokens: int = 1, name: str = "pos_embed") -> int:
@@ -316,13 +322,8 @@ def fit_pos_embed_grids(root: nn.Module, state_dict: dict[str, Tensor]) -> list[
         The keys that were resampled.
     """
     changed = []
-    for name, module in root.named_modules():
-        if not isinstance(module, VisionTransformer):
-            continue
-        key = f"{name}.pos_embed" if name else "pos_embed"
-        stored = state_dict.get(key)
-        if stored is None or tuple(stored.shape[-2:]) == (module.grid_size**2 + module.num_prefix_tokens,
-                                                          module.embed_dim):
+    for key, module, stored in _stored_pos_embeds(root, state_dict):
+        if tuple(stored.shape[-2:]) == (module.grid_size**2 + module.num_prefix_tokens, module.embed_dim):
             continue
         if module.pos_embed_kind == "sincos":
             del state_dict[key]
