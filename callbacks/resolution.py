@@ -1,4 +1,4 @@
-"""Progressive resolution (224 -> 378 -> 518 px) and warm starts from a checkpoint at another resolution.
+"""Progressive resolution: 224 -> 378 -> 518 px within one run.
 
 :class:`ProgressiveResolution` runs training in stages. At a stage boundary it changes the objective's crop sizes
 (:meth:`~lit_webssl.objectives.base.Objective.set_resolution`), the per-device batch size and the learning-rate
@@ -8,8 +8,9 @@ so a checkpoint or export taken in a stage carries that grid (27 x 27 at 378 px,
 as the released Web-SSL checkpoints do. Why a permanent resample and not on-the-fly interpolation, what happens to
 the Adam moments and how resume and sharded strategies work: ``docs/resolution.md``.
 
-:class:`InitFromCheckpoint` starts a run (a high-resolution adaptation stage) from the weights of a finished run at
-another resolution, resampling the stored position embeddings to this run's grid.
+A stage as its own launch, started from the weights of a finished run at another resolution (the way under sharded
+strategies), needs no callback: ``--model.init_from`` loads them and resamples the stored position embeddings to the
+run's grid (:class:`lit_webssl.module.LitWebSSL`, ``configs/webdino/vit_7b_{378,518}.yaml``).
 """
 
 from __future__ import annotations
@@ -18,21 +19,19 @@ import gc
 import inspect
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from timm.layers import resample_abs_pos_embed
-from torch import Tensor, nn
+from torch import nn
 
-from lit_webssl.backbone import VisionTransformer, grid_of, sincos_pos_embed
+from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import is_partitioned, strategy_family
 from lit_webssl.presets import PRESETS
 
 FLAG = "--trainer.callbacks ProgressiveResolution"
-INIT_FLAG = "--trainer.callbacks InitFromCheckpoint"
 
 
 @dataclass
@@ -78,8 +77,8 @@ class ProgressiveResolution(L.Callback):
     counting optimizer steps with the global batch of the first stage.
 
     Works with replicated strategies (single device, DDP). A sharded strategy (FSDP2, ZeRO-3) can change the grid
-    only where the parameters are whole: run each stage as its own launch from the previous stage's checkpoint
-    (:class:`InitFromCheckpoint`, ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
+    only where the parameters are whole: run each stage as its own launch started from the previous stage's weights
+    (``--model.init_from``, ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
 
     Args:
         stages: The stages, in order of ``start``; the first starts at 0.
@@ -153,12 +152,12 @@ class ProgressiveResolution(L.Callback):
         objective = getattr(pl_module, "objective", None)
         if objective is None or not callable(getattr(objective, "set_resolution", None)):
             raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
-        sharded = _sharded_strategy(trainer.strategy)
+        sharded = _fixed_shape_strategy(trainer.strategy)
         if sharded and len(self.stages) > 1:
             raise ConfigError(
                 f"{FLAG}.stages: {sharded} shards the parameters, so the position grid cannot change in the middle of "
-                "a run; give one stage per launch and start each from the previous one's checkpoint with "
-                "InitFromCheckpoint (configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
+                "a run; give one stage per launch and start each from the previous one's weights with "
+                "--model.init_from (configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
             )
         self._patch = _patch_size(pl_module)
         for i, st in enumerate(self.stages):
@@ -258,18 +257,21 @@ def _patch_size(pl_module: L.LightningModule) -> int:
     return int(config.get("patch_size", default))
 
 
-def _sharded_strategy(strategy: Any) -> str | None:
-    """The name of ``strategy`` when it does not keep every parameter whole on every rank (FSDP, FSDP2, DeepSpeed:
-    even ZeRO-1/2 keep the Adam moments in flat partitions that a new parameter shape cannot enter), else ``None``."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+def _fixed_shape_strategy(strategy: Any) -> str | None:
+    """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``: the
+    sharded families of :func:`lit_webssl.parallel.strategy_family` (FSDP2, ZeRO-3), and also DeepSpeed's ZeRO-1/2
+    and FSDP1, which that function counts as replicated (whole parameters) but which keep the Adam moments (ZeRO-1/2)
+    or the parameters (FSDP1) in flat buffers laid out for the shapes the model was built with."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+    if strategy_family(strategy) != "replicated" or isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
         return type(strategy).__name__
     return None
 
 
-def _is_sharded(param: Tensor) -> bool:
-    return hasattr(param, "ds_id") or hasattr(param, "device_mesh")
+def _is_sharded(param: nn.Parameter) -> bool:
+    """A ZeRO-3 partition or an FSDP2 ``DTensor`` shard."""
+    return is_partitioned(param) or hasattr(param, "device_mesh")
 
 
 def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -> list[str]:
@@ -289,8 +291,8 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
     if any(_is_sharded(m.pos_embed) for m in vits.values()):
         raise ConfigError(
             f"{FLAG}: changing the position grid in the middle of a run needs whole parameters, but this strategy "
-            f"({type(trainer.strategy).__name__}) shards them; launch each stage from the previous stage's checkpoint "
-            "(InitFromCheckpoint, configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
+            f"({type(trainer.strategy).__name__}) shards them; launch each stage from the previous stage's weights "
+            "(--model.init_from, configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
         )
     swaps: dict[int, nn.Parameter] = {}
     for vit in vits.values():
@@ -402,127 +404,3 @@ def _invalidate_val_loader(trainer: L.Trainer) -> None:
     if val_loop._combined_loader is not None:
         val_loop._combined_loader.reset()
         val_loop._combined_loader = None
-
-
-# -- warm start ----------------------------------------------------------------------------------------------------
-def resample_table(table: Tensor, grid: int, kind: str = "learned", num_prefix_tokens: int = 1) -> Tensor:
-    """A ``(1, prefix + g * g, D)`` position-embedding table at a ``grid x grid`` grid, computed as
-    :meth:`VisionTransformer.resample_pos_embed` does (bicubic for ``learned``, recomputed for ``sincos``)."""
-    if grid_of(table, num_prefix_tokens) == grid:
-        return table
-    if kind == "sincos":
-        patch = sincos_pos_embed(table.shape[-1], grid, grid).to(table.dtype)
-        return torch.cat([table[:, :num_prefix_tokens], patch[None]], dim=1)
-    return resample_abs_pos_embed(table, [grid, grid], num_prefix_tokens=num_prefix_tokens, antialias=False)
-
-
-def _full_shape(param: Tensor) -> tuple[int, ...]:
-    return tuple(getattr(param, "ds_shape", None) or param.shape)
-
-
-def load_full_state(pl_module: nn.Module, state: dict[str, Tensor], strict: bool = True,
-                    exclude: tuple[str, ...] = ()) -> None:
-    """Copy whole tensors ``state`` into ``pl_module``'s parameters and buffers in place, whatever holds them: plain
-    tensors (single device, DDP), FSDP2 ``DTensor`` shards, or ZeRO-3 partitions (gathered one module at a time).
-    Every rank passes the same ``state``. No parameter object is replaced, so optimizers and wrappers stay valid."""
-    names = {k for k in pl_module.state_dict(keep_vars=True) if not k.startswith(exclude)}
-    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
-    if strict and (missing or unexpected):
-        raise ConfigError(f"{INIT_FLAG}.path: the checkpoint does not match the model (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}); pass strict: false to load the keys that match")
-    for mod_name, module in pl_module.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        own = [(f"{prefix}{n}", t) for n, t in [*module.named_parameters(recurse=False),
-                                                  *module.named_buffers(recurse=False)] if f"{prefix}{n}" in state]
-        if not own:
-            continue
-        for key, target in own:
-            if tuple(state[key].shape) != _full_shape(target):
-                raise ConfigError(f"{INIT_FLAG}.path: {key} has shape {tuple(state[key].shape)} in the checkpoint "
-                                  f"and {_full_shape(target)} in the model")
-        partitioned = [t for _, t in own if hasattr(t, "ds_id")]
-        with _gathered(partitioned), torch.no_grad():
-            for key, target in own:
-                value = state[key].to(dtype=target.dtype)
-                if hasattr(target, "device_mesh"):  # FSDP2 DTensor: copy this rank's shard
-                    from torch.distributed.tensor import distribute_tensor
-
-                    target.copy_(distribute_tensor(value.to(target.device), target.device_mesh, target.placements))
-                elif hasattr(target, "ds_id"):
-                    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                        target.data.copy_(value.to(target.device))
-                else:
-                    target.copy_(value.to(target.device))
-
-
-class _gathered:
-    """``deepspeed.zero.GatheredParameters(params, modifier_rank=0)`` when ``params`` is not empty."""
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.params, self.ctx = params, None
-
-    def __enter__(self) -> None:
-        if self.params:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-class InitFromCheckpoint(L.Callback):
-    """Start training from the weights of another run's checkpoint, at this run's resolution.
-
-    Loads the whole module state (student backbone, heads, EMA teacher, loss buffers such as DINO's center) from a
-    Lightning checkpoint (``state_dict``) or a plain state dict, resamples every stored ``pos_embed`` to the grid of
-    the ViT it goes to (bicubic for learned tables, as :meth:`VisionTransformer.resample_pos_embed`), and copies it
-    in place at the start of fit (then DeepSpeed's fp32 master copies are refreshed from the loaded weights). The
-    optimizer, schedules and data position start fresh; that is the high-resolution adaptation recipe (RECIPE
-    section 6): a 224 px run's weights continued at 378, then 518 px.
-
-    Skipped when the run resumes from its own checkpoint (``--ckpt_path``), which restores everything. Sharded
-    checkpoints (ZeRO-3 or FSDP2 directories) must first be consolidated into one file (``docs/resolution.md``).
-
-    Args:
-        path: Checkpoint file (``.ckpt`` or a ``torch.save``'d state dict).
-        strict: Require the checkpoint's keys to match the module's exactly.
-        exclude: Key prefixes not to load (e.g. ``objective.dino_head`` to start a head afresh).
-    """
-
-    def __init__(self, path: str, strict: bool = True, exclude: list[str] | None = None) -> None:
-        self.path = str(path)
-        self.strict = strict
-        self.exclude = tuple(exclude or ())
-        self.loaded = False
-
-    def read_state(self) -> dict[str, Tensor]:
-        """The checkpoint's weights as ``{name: tensor}`` (memory-mapped, on the CPU), minus ``exclude``."""
-        if not Path(self.path).is_file():
-            raise ConfigError(f"{INIT_FLAG}.path: no checkpoint file at {self.path} (a sharded checkpoint directory "
-                              "must be consolidated into one file first)")
-        checkpoint = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise ConfigError(f"{INIT_FLAG}.path: {self.path} holds no state dict")
-        return {k: v for k, v in state.items() if isinstance(v, Tensor) and not k.startswith(self.exclude)}
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path:
-            return
-        state = self.read_state()
-        for name, vit in pl_module.named_modules():
-            if not isinstance(vit, VisionTransformer):
-                continue
-            key = f"{name}.pos_embed" if name else "pos_embed"
-            if key in state:
-                grid = grid_of(torch.empty(_full_shape(vit.pos_embed), device="meta"), vit.num_prefix_tokens)
-                state[key] = resample_table(state[key].float(), grid, vit.pos_embed_kind, vit.num_prefix_tokens)
-        load_full_state(pl_module, state, strict=self.strict, exclude=self.exclude)
-        for optimizer in _optimizers(trainer):  # DeepSpeed keeps fp32 master copies made when the engine was built
-            if callable(getattr(optimizer, "refresh_fp32_params", None)):
-                optimizer.refresh_fp32_params()
-        self.loaded = True
-        rank_zero_info(f"InitFromCheckpoint: loaded {len(state)} tensors from {self.path}")

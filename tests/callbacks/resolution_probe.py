@@ -1,5 +1,6 @@
 """Test helpers of the resolution tests: a callback recording what each step saw (view shapes, learning rates) and
-each rank's final state, a tiny DINOv2 module, and a 2-rank FSDP2 worker (importable by spawned processes)."""
+each rank's final state, a tiny DINOv2 module and weights to start it from, and a 2-rank FSDP2 worker (importable by
+spawned processes)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lit_webssl.callbacks.resolution import InitFromCheckpoint
 from lit_webssl.objectives import DINOv2
+from torch import Tensor
 
 from lit_webssl.module import LitWebSSL
 
@@ -71,35 +72,53 @@ class StepRecorder(L.Callback):
         torch.save({"state_dict": state, "moments": moments}, self.out / f"state_rank{rank}.pt")
 
 
-def tiny_dino_module(**objective_args: Any) -> LitWebSSL:
+def tiny_dino_module(init_from: str | None = None, **objective_args: Any) -> LitWebSSL:
     """``vit_debug`` (32 px, patch 4: an 8 x 8 grid, width 32) with a tiny DINOv2 (16 prototypes); not yet built."""
     objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
                        ibot_hidden_dim=16, ibot_bottleneck_dim=8, global_crop_size=32, local_crop_size=16,
                        **objective_args)
-    return LitWebSSL(objective, backbone="vit_debug")
+    return LitWebSSL(objective, backbone="vit_debug", init_from=init_from)
+
+
+def write_source_weights(path: Path, img_size: int = 32) -> dict[str, Tensor]:
+    """Save the weights of a finished tiny run at ``img_size`` px to ``path`` as ``{"state_dict": ...}`` and return
+    them. Every tensor (parameters, DINO and iBOT centers) is offset by noise of std 1e-2, so none equals what a fresh
+    build draws or sets (LayerNorm ones, zero biases and centers): whatever matches it after a load came from the
+    file."""
+    generator = torch.Generator().manual_seed(1)
+    source = tiny_dino_module()
+    source.backbone_overrides["img_size"] = img_size
+    source.configure_model()
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    for value in state.values():
+        if value.is_floating_point():
+            value.add_(1e-2 * torch.randn(value.shape, generator=generator))
+    torch.save({"state_dict": state}, path)
+    return state
 
 
 def fsdp2_warm_start_worker(rank: int, port: int, root: str) -> None:
-    """One rank of a 2-rank gloo group: FSDP2-shard a tiny DINOv2 module at a 12 x 12 grid, warm-start it from
-    ``<root>/source.ckpt`` (8 x 8 grid) and save the gathered state to ``<root>/loaded<rank>.pt``."""
+    """One rank of a 2-rank gloo group: build a tiny DINOv2 module at a 12 x 12 grid with ``init_from`` =
+    ``<root>/source.ckpt`` (8 x 8 grid) through ``LitWebSSL.configure_model``'s FSDP2 path (meta build, per-block
+    ``fully_shard``, materialized on the shards, then the load), and save the gathered state to
+    ``<root>/loaded<rank>.pt``. The trainer is a stand-in holding a real ``ModelParallelStrategy``."""
     import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        mesh = init_device_mesh("cpu", (2,))
-        target = tiny_dino_module()
+        strategy = ModelParallelStrategy()
+        strategy.parallel_devices = [torch.device("cpu")] * 2
+        target = tiny_dino_module(init_from=str(Path(root) / "source.ckpt"))
         target.backbone_overrides["img_size"] = 48  # the new stage's 12 x 12 grid
+        target._trainer = SimpleNamespace(strategy=strategy, precision="32-true")
+        target._device_mesh = init_device_mesh("cpu", (2,))
         target.configure_model()
-        vits = [target.backbone, target.objective.teacher["backbone"]]
-        for block in (b for vit in vits for b in vit.blocks):
-            fully_shard(block, mesh=mesh)
-        fully_shard(target, mesh=mesh)
+        target._trainer = None
         assert hasattr(target.backbone.pos_embed, "device_mesh")  # a DTensor: rank 1 holds none of the (1, N, D) rows
-        InitFromCheckpoint(str(Path(root) / "source.ckpt")).on_fit_start(SimpleNamespace(ckpt_path=None), target)
         loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in target.state_dict().items()}
         torch.save(loaded, Path(root) / f"loaded{rank}.pt")
     finally:
