@@ -347,7 +347,9 @@ def state_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
         place(f"gradients ({dtype})", counts.trainable * pbytes / g_div, spec.kind == "fsdp" and on_host),
         place(_optimizer_name(spec), optimizer_bytes(counts, spec, pbytes) / o_div + _step_counters(counts, spec),
               spec.offload_optimizer),
-        place("EMA teacher (fp32)", counts.teacher * FP32 / p_div, on_host),
+        # DeepSpeed stores every parameter in its precision, the teacher's too (lit_webssl.parallel); others keep fp32
+        place(f"EMA teacher ({dtype if spec.kind == 'deepspeed' else 'fp32'})",
+              counts.teacher * (pbytes if spec.kind == "deepspeed" else FP32) / p_div, on_host),
     ]
     if counts.buffer_bytes:
         rows.append(Row("buffers", counts.buffer_bytes))
