@@ -113,7 +113,7 @@ class LitWebSSL(L.LightningModule):
             return
         state = read_state_dict(self.init_from)
         resampled = fit_pos_embed_grids(self, state)
-        missing = load_full_state_dict(self, state, strict=False)
+        missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:

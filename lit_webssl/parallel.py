@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_webssl.errors import ConfigError
+
 Family = Literal["replicated", "fsdp2", "deepspeed"]
 
 
@@ -199,19 +201,31 @@ def fsdp2_mesh(device_mesh: Any) -> Any:
 
 
 @torch.no_grad()
-def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict: bool = True) -> list[str]:
+def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict: bool = True,
+                         source: str = "state dict") -> list[str]:
     """Load a whole (unsharded) state dict into ``module`` however it is sharded, one tensor at a time.
 
     Every rank reads ``state`` (e.g. the same file); a DTensor keeps its own shard of each tensor, a ZeRO-3 parameter
-    is gathered, overwritten on rank 0 and re-partitioned. Returns the keys of ``module`` missing from ``state``
-    (raises on missing or unexpected keys when ``strict``).
+    is gathered, overwritten on rank 0 and re-partitioned. Returns the keys of ``module`` missing from ``state``.
+
+    Raises:
+        ConfigError: naming ``source``: ``state`` has tensors ``module`` lacks, a tensor of another shape, or (with
+            ``strict``) lacks some of ``module``'s.
     """
     own = dict(module.named_parameters())
-    own.update(dict(module.named_buffers()))
+    own.update({f"{prefix}.{name}" if prefix else name: buf for prefix, sub in module.named_modules()
+                for name, buf in sub.named_buffers(recurse=False) if name not in sub._non_persistent_buffers_set})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
-        raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if unexpected or (strict and missing):
+        raise ConfigError(f"{source}: {len(unexpected)} tensors this model does not have ({', '.join(unexpected[:4])}"
+                          f"{' ...' if len(unexpected) > 4 else ''})"
+                          + (f" and {len(missing)} it lacks ({', '.join(missing[:4])})" if strict and missing else "")
+                          + ": weights of another model or objective?")
+    for name, tensor in own.items():
+        if name in state and tuple(state[name].shape) != _full_shape(tensor):
+            raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model's is "
+                              f"{_full_shape(tensor)}")
     owner = {id(p): m for m in module.modules() for p in m.parameters(recurse=False)}
     for name, tensor in own.items():
         if name not in state:
