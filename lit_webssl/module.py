@@ -89,7 +89,7 @@ class LitWebSSL(L.LightningModule):
         if self.backbone is not None:
             return
         self.objective.backbone_factory = partial(build_backbone, self.backbone_name, self.backbone_overrides)
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(self._trainer, "strategy", None)
         if strategy_family(strategy) != "fsdp2":
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
@@ -133,7 +133,7 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
-        if _offloads_optimizer(self._trainer.strategy if self._trainer is not None else None):
+        if _offloads_optimizer(getattr(self._trainer, "strategy", None)):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
 
             return DeepSpeedCPUAdam(groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps,
@@ -142,7 +142,7 @@ class LitWebSSL(L.LightningModule):
         optimizer = torch.optim.AdamW(
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
         )
-        if strategy_family(self._trainer.strategy if self._trainer is not None else None) == "fsdp2":
+        if strategy_family(getattr(self._trainer, "strategy", None)) == "fsdp2":
             init_adam_state(optimizer)
         return optimizer
 
