@@ -100,8 +100,9 @@ def reference(tmp_path_factory):
 def _save_init_weights(tmp: Path, data: Path, out: Path) -> None:
     from lit_webssl.cli import _cli
 
-    cli = _cli(["--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), "--data.init_args.local", str(data),
-                "--trainer.logger", "false"], run=False)
+    cli = _cli(["--config", str(CONFIGS / "demo" / "dino_tiny.yaml"),
+                "--config", str(_overlay(tmp / "init.yaml", tmp / "ids" / "init")),
+                "--data.init_args.local", str(data), "--trainer.logger", "false"], run=False)
     cli.model.configure_model()
     torch.save({"state_dict": cli.model.state_dict()}, out)
 
