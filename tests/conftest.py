@@ -16,6 +16,16 @@ def _isolate(tmp_path, monkeypatch):
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and the test machine's cores are shared (with two
+    oversubscribed threads a step is several times slower). Modules opt in with ``usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -55,12 +55,8 @@ def _config(path: Path, out: Path) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs with one intra-op thread (``one_thread`` in conftest.py)."""
 
 
 def _args(config: str, data: Path, run: str, *extra: str, steps: int = STEPS) -> list[str]:

@@ -29,12 +29,8 @@ DS = "lightning.pytorch.strategies.DeepSpeedStrategy"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread is several times faster than two oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs with one intra-op thread (``one_thread`` in conftest.py)."""
 
 
 def tiny(objective: str, size: int = 32, width: int = 64, depth: int = 2, ffn: str = "mlp",
