@@ -28,7 +28,7 @@ from torch import nn
 
 from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import is_partitioned, strategy_family
+from lit_webssl.parallel import is_sharded, strategy_family
 from lit_webssl.presets import PRESETS
 
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -269,11 +269,6 @@ def _fixed_shape_strategy(strategy: Any) -> str | None:
     return None
 
 
-def _is_sharded(param: nn.Parameter) -> bool:
-    """A ZeRO-3 partition or an FSDP2 ``DTensor`` shard."""
-    return is_partitioned(param) or hasattr(param, "device_mesh")
-
-
 def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -> list[str]:
     """Resample every ViT's ``pos_embed`` under ``pl_module`` to ``grid x grid`` and update what holds the old ones.
 
@@ -288,7 +283,7 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
             m.grid_size != grid}
     if not vits:
         return []
-    if any(_is_sharded(m.pos_embed) for m in vits.values()):
+    if any(is_sharded(m.pos_embed) for m in vits.values()):
         raise ConfigError(
             f"{FLAG}: changing the position grid in the middle of a run needs whole parameters, but this strategy "
             f"({type(trainer.strategy).__name__}) shards them; launch each stage from the previous stage's weights "

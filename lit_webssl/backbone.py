@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import init_module_tree
+from lit_webssl.parallel import init_module_tree, is_sharded
 
 FFN = Literal["mlp", "swiglu"]
 
@@ -219,7 +219,7 @@ class VisionTransformer(nn.Module):
         if grid == self.grid_size:
             return
         old = self.pos_embed
-        if hasattr(old, "ds_id") or hasattr(old, "device_mesh"):  # ZeRO-3 partition / FSDP2 DTensor
+        if is_sharded(old):  # ZeRO-3 partition / FSDP2 DTensor
             raise ConfigError(
                 "cannot change the grid of a sharded position embedding (ZeRO-3 / FSDP2): build the model at the "
                 "stage's --model.backbone_overrides.img_size instead (docs/resolution.md)"

@@ -49,13 +49,23 @@ def is_partitioned(param: Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_dtensor(param: Tensor) -> bool:
+    """An FSDP2 parameter: a ``DTensor`` whose rank-local part is ``to_local()``."""
+    return hasattr(param, "device_mesh") and hasattr(param, "to_local")
+
+
+def is_sharded(param: Tensor) -> bool:
+    """Split across ranks by ZeRO-3 or FSDP2: its shape cannot change in place, nor can it be read whole locally."""
+    return is_partitioned(param) or is_dtensor(param)
+
+
 def local_shard(param: Tensor) -> Tensor:
     """The part of ``param`` this rank stores: the ZeRO-3 partition (flat, padded on the last rank), the FSDP2
     ``DTensor``'s local shard, or the tensor itself. Two parameters of the same shape sharded by the same strategy
     have aligned local shards, so element-wise updates (the EMA teacher) run on them without communication."""
     if is_partitioned(param):
         return param.ds_tensor
-    if hasattr(param, "to_local"):  # DTensor (FSDP2)
+    if is_dtensor(param):
         return param.to_local()
     return param
 
@@ -234,7 +244,7 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict:
         if is_partitioned(tensor):
             with gathered(owner[id(tensor)]):
                 tensor.data.copy_(value.to(tensor.dtype))
-        elif hasattr(tensor, "to_local"):  # DTensor: distribute the value with the same layout, keep the local part
+        elif is_dtensor(tensor):  # distribute the value with the same layout, keep the local part
             from torch.distributed.tensor import distribute_tensor
 
             tensor.to_local().copy_(
