@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import init_module_tree, is_sharded
+from lit_webssl.parallel import full_shape, init_module_tree, is_sharded
 
 FFN = Literal["mlp", "swiglu"]
 
@@ -150,8 +150,7 @@ class VisionTransformer(nn.Module):
     @property
     def grid_size(self) -> int:
         """Side of the native patch grid stored in ``pos_embed``."""
-        shape = getattr(self.pos_embed, "ds_shape", self.pos_embed.shape)  # ZeRO-3 keeps the whole shape aside
-        return math.isqrt(shape[1] - self.num_prefix_tokens)
+        return math.isqrt(full_shape(self.pos_embed)[1] - self.num_prefix_tokens)
 
     def init_weights(self, materialize: bool = False) -> None:
         """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init.

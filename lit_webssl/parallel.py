@@ -124,12 +124,13 @@ def param_pairs(target: nn.Module, source: nn.Module) -> list[tuple[Tensor, Tens
         raise RuntimeError(f"{type(target).__name__} and {type(source).__name__} differ in structure: "
                            f"{sorted(tgt.keys() ^ src.keys())[:5]}")
     for name in tgt:
-        if _full_shape(tgt[name]) != _full_shape(src[name]):
-            raise RuntimeError(f"parameter {name}: shapes {_full_shape(tgt[name])} and {_full_shape(src[name])} differ")
+        if full_shape(tgt[name]) != full_shape(src[name]):
+            raise RuntimeError(f"parameter {name}: shapes {full_shape(tgt[name])} and {full_shape(src[name])} differ")
     return [(tgt[name], src[name]) for name in tgt]
 
 
-def _full_shape(param: Tensor) -> tuple[int, ...]:
+def full_shape(param: Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape, also for a ZeRO-3 partition (whose ``shape`` is its empty placeholder's)."""
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
 
 
@@ -233,9 +234,9 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict:
                           + (f" and {len(missing)} it lacks ({', '.join(missing[:4])})" if strict and missing else "")
                           + ": weights of another model or objective?")
     for name, tensor in own.items():
-        if name in state and tuple(state[name].shape) != _full_shape(tensor):
+        if name in state and tuple(state[name].shape) != full_shape(tensor):
             raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model's is "
-                              f"{_full_shape(tensor)}")
+                              f"{full_shape(tensor)}")
     owner = {id(p): m for m in module.modules() for p in m.parameters(recurse=False)}
     for name, tensor in own.items():
         if name not in state:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import full_shape
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -214,7 +215,7 @@ class Objective(nn.Module, abc.ABC):
 def is_no_decay(name: str, param: Tensor) -> bool:
     """True for parameters that take no weight decay: biases, norms, LayerScale gammas, tokens, 1-D tensors."""
     leaf = name.rsplit(".", 1)[-1]
-    shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition is a 1-D placeholder; its shape is kept here
+    shape = full_shape(param)  # a ZeRO-3 partition is a 1-D placeholder
     return (
         len(shape) <= 1
         or name.endswith(".bias")

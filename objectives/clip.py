@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import gathered, is_partitioned, reset_parameters_tree
+from lit_webssl.parallel import full_shape, gathered, is_partitioned, reset_parameters_tree
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -205,8 +205,7 @@ class CLIP(Objective):
         """
         decay, no_decay = [], []
         for name, param in self.optimized_named_parameters(backbone):
-            shape = getattr(param, "ds_shape", param.shape)  # DeepSpeed ZeRO-3 partitions keep the full shape here
-            vector = sum(size > 1 for size in shape) < 2
+            vector = sum(size > 1 for size in full_shape(param)) < 2
             (no_decay if vector or name.endswith("logit_scale") else decay).append(param)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "wd_mult": 1.0, "name": "decay"},
