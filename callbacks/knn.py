@@ -99,10 +99,8 @@ class KNNProbe(L.Callback):
         return knn_top1(bank, bank_labels, queries, query_labels, self.k, self.temperature)
 
     def _backbone_fn(self, backbone: nn.Module, pl_module: L.LightningModule):
-        mean, std = pl_module.objective.pixel_mean, pl_module.objective.pixel_std
-
         def fn(images: Tensor) -> Tensor:
-            return pool_features(backbone(normalize_uint8(images, mean, std)), self.pool)
+            return pool_features(backbone(pl_module.model_input(images)), self.pool)
 
         return fn
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import full_shape, init_module_tree, is_sharded
+from lit_webssl.parallel import copy_whole_, full_shape, init_module_tree, is_sharded
 
 FFN = Literal["mlp", "swiglu"]
 
@@ -168,10 +168,9 @@ class VisionTransformer(nn.Module):
         if materialize and module is not self and callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()  # constructor init first, as in an ordinary build; then the recipe's
         if module is self:
-            if self.pos_embed_kind == "sincos":
-                with torch.no_grad():
-                    self.pos_embed[0, 1:].copy_(sincos_pos_embed(self.embed_dim, self.grid_size, self.grid_size))
-                    self.pos_embed[0, :1].zero_()
+            if self.pos_embed_kind == "sincos":  # a zero CLS row, then the grid's table (whole, then sharded)
+                table = sincos_pos_embed(self.embed_dim, self.grid_size, self.grid_size)
+                copy_whole_(self.pos_embed, torch.cat([table.new_zeros(1, self.embed_dim), table])[None])
             else:
                 trunc_normal_(self.pos_embed, std=0.02)
             nn.init.zeros_(self.mask_token)

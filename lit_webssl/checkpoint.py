@@ -6,9 +6,10 @@ Sharded strategies save folders: DeepSpeed ZeRO-3 writes ``<ckpt>/checkpoint/zer
 per rank, next to a ``latest`` tag file), FSDP2 (``ModelParallelStrategy``) writes a PyTorch distributed checkpoint
 (``<ckpt>/.metadata``, ``__<r>_0.distcp`` files and Lightning's ``meta.pt``). Conversion uses each library's own
 consolidation (DeepSpeed's ``zero_to_fp32`` through Lightning, ``torch.distributed.checkpoint``'s
-``dcp_to_torch_save``), casts every floating tensor to fp32, drops the optimizer states unless asked, keeps
-Lightning's training metadata (epoch, step, loops, callbacks, hyper-parameters) and writes the file through a
-temporary name and an atomic rename: an interrupted conversion never leaves a half-written file. The result loads
+``dcp_to_torch_save``), casts every floating tensor to fp32 (taking the EMA teacher's fp32 masters from every rank's
+file where DeepSpeed stored it in bf16), drops the optimizer states unless asked, keeps Lightning's training metadata
+(epoch, step, loops, callbacks, hyper-parameters) and writes the file through a temporary name and an atomic rename:
+an interrupted conversion never leaves a half-written file. The result loads
 with ``--model.init_from`` (any strategy) and as ``--ckpt_path`` for ``validate``.
 """
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.parallel import FP32_MASTERS, assemble_masters
 
 Kind = Literal["deepspeed", "dcp", "file"]
 _DEEPSPEED_KEYS = ("buffer_names", "ds_config", "ds_version", "frozen_param_fragments", "frozen_param_shapes",
@@ -79,6 +81,17 @@ def _consolidate(path: Path, kind: Kind, scratch: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _fp32_masters(path: Path, kind: Kind, checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """Whole fp32 tensors for parameters the checkpoint stores in lower precision (:class:`ShardedEMA`'s masters):
+    under DeepSpeed every rank's file holds its partitions (Lightning's consolidation kept rank 0's only)."""
+    state = checkpoint.pop(FP32_MASTERS, None)
+    if kind != "deepspeed":
+        return assemble_masters([state] if state else [])
+    files = sorted(path.glob("*/zero_pp_rank_*_mp_rank_*_model_states.pt"))
+    return assemble_masters(torch.load(f, map_location="cpu", mmap=True, weights_only=False).get(FP32_MASTERS, {})
+                            for f in files)
+
+
 def convert(path: str | Path, out: str | Path, keep_optimizer: bool = False) -> Path:
     """Write checkpoint ``path`` (sharded folder or file) as one fp32 file ``out``; returns ``out``.
 
@@ -98,6 +111,11 @@ def convert(path: str | Path, out: str | Path, keep_optimizer: bool = False) -> 
         if not isinstance(state, dict) or not state:
             raise ConfigError(f"{path}: the checkpoint holds no model weights")
         checkpoint["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        masters = _fp32_masters(path, kind, checkpoint)
+        unknown = sorted(set(masters) - set(state))
+        if unknown:
+            raise ConfigError(f"{path}: fp32 masters of tensors the weights lack: {', '.join(unknown[:4])}")
+        checkpoint["state_dict"].update(masters)  # the EMA teacher's fp32 values where the module stored bf16
         for key in _DEEPSPEED_KEYS:  # DeepSpeed's own bookkeeping (frozen fragments would duplicate the teacher)
             checkpoint.pop(key, None)
         if not keep_optimizer:

@@ -351,6 +351,8 @@ def state_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
         place(f"EMA teacher ({dtype if spec.kind == 'deepspeed' else 'fp32'})",
               counts.teacher * (pbytes if spec.kind == "deepspeed" else FP32) / p_div, on_host),
     ]
+    if spec.kind == "deepspeed" and pbytes < FP32 and counts.teacher:  # ShardedEMA's fp32 masters of its partitions
+        rows.append(place("fp32 masters of the EMA teacher", counts.teacher * FP32 / p_div, on_host))
     if counts.buffer_bytes:
         rows.append(Row("buffers", counts.buffer_bytes))
     return rows + strategy_rows(counts, spec, precision, world, devices)

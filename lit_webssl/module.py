@@ -17,7 +17,17 @@ from lit_webssl.checkpoint import read_state_dict
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
-from lit_webssl.parallel import apply_fsdp2, fsdp2_mesh, init_adam_state, load_full_state_dict, strategy_family
+from lit_webssl.parallel import (
+    FP32_MASTERS,
+    apply_fsdp2,
+    fsdp2_mesh,
+    init_adam_state,
+    load_full_state_dict,
+    local_shard,
+    outside_zero_init,
+    partition_of,
+    strategy_family,
+)
 from lit_webssl.presets import PRESETS, build_backbone
 
 log = logging.getLogger(__name__)
@@ -111,9 +121,10 @@ class LitWebSSL(L.LightningModule):
         """Load ``init_from`` into the built model (memory-mapped: ranks on a node share the pages)."""
         if self.init_from is None:
             return
-        state = read_state_dict(self.init_from)
-        resampled = fit_pos_embed_grids(self, state)
-        missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
+        with outside_zero_init():  # read fp32 as fp32 under ZeRO-3 in bf16
+            state = read_state_dict(self.init_from)
+            resampled = fit_pos_embed_grids(self, state)
+            missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:
@@ -146,20 +157,58 @@ class LitWebSSL(L.LightningModule):
             init_adam_state(optimizer)
         return optimizer
 
+    def on_fit_start(self) -> None:
+        """Under DeepSpeed in bf16 the module stores bf16 copies, so ``init_from``'s fp32 values were rounded when
+        loaded in :meth:`configure_model`; now that the optimizer exists, give its fp32 masters (and the objective's,
+        e.g. the EMA teacher's) the file's exact values. A resumed run restores its checkpoint over these."""
+        if self.init_from is None or strategy_family(self.trainer.strategy) != "deepspeed":
+            return
+        rounded = [(n, p) for n, p in self.named_parameters() if local_shard(p).dtype != torch.float32]
+        if not rounded:
+            return
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        state = read_state_dict(self.init_from)
+        fit_pos_embed_grids(self, state)
+        for name, param in rounded:
+            if param.requires_grad and name in state:
+                safe_set_local_fp32_param(param, partition_of(param, state[name].float()))
+        self.objective.load_fp32_weights({k[len("objective."):]: v for k, v in state.items()
+                                          if k.startswith("objective.")})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the objective's rank-local fp32 masters (every rank's checkpoint file under DeepSpeed)."""
+        masters = self.objective.fp32_masters()
+        state = masters.state_dict(prefix="objective.") if masters is not None else {}
+        if state:
+            checkpoint[FP32_MASTERS] = state
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before Lightning loads the weights, give every ViT the position-embedding grid the checkpoint stores (a
-        checkpoint taken in a high-resolution stage carries 27 x 27 positions at 378 px, 37 x 37 at 518 px)."""
+        checkpoint taken in a high-resolution stage carries 27 x 27 positions at 378 px, 37 x 37 at 518 px); restore
+        the objective's fp32 masters (each rank its own)."""
         state = checkpoint.get("state_dict")
         if state:
             match_pos_embed_grids(self, state)
+        masters = self.objective.fp32_masters()
+        if masters is not None:
+            masters.load_state_dict(checkpoint.get(FP32_MASTERS, {}), prefix="objective.")
 
     # -- steps ------------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Normalize uint8 views on the device (the loaders ship uint8 to save host memory and bandwidth)."""
-        mean, std = self.objective.pixel_mean, self.objective.pixel_std
+        """Normalize uint8 views on the device (the loaders ship uint8 to save host memory and bandwidth), then give
+        them the dtype the precision plugin feeds the model: Lightning converts inputs before this hook, while they
+        are still uint8, so a model stored in bf16 (DeepSpeed bf16, ``*-true``) would otherwise get fp32 images."""
         if "views" in batch:
-            batch["views"] = {k: normalize_uint8(v, mean, std) for k, v in batch["views"].items()}
+            batch["views"] = {k: self.model_input(v) for k, v in batch["views"].items()}
         return batch
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> what the backbone takes: normalized with the objective's pixel statistics, in the dtype
+        the precision plugin feeds the model (bf16 for a model stored in bf16, unchanged under autocast)."""
+        images = normalize_uint8(images, self.objective.pixel_mean, self.objective.pixel_std)
+        precision = getattr(self._trainer, "precision_plugin", None)
+        return precision.convert_input(images) if precision is not None else images
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step

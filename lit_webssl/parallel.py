@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -84,6 +86,25 @@ def gathered(module: nn.Module, recurse: bool = False) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Suspend ``deepspeed.zero.Init``'s patches of tensor constructors for the block (a no-op outside one).
+
+    Under ``zero.Init`` every new floating tensor is cast to the run's dtype, ``torch.Tensor.__new__`` included; so
+    ``torch.load`` of an fp32 file inside it (``--model.init_from`` in ``configure_model``) would reinterpret fp32
+    bytes as bf16 and read garbage. Module construction is not partitioned inside the block either: build nothing.
+    """
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if zero is None or getattr(zero, "top_level_context", None) is None:
+        yield
+        return
+    zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        zero.restore_init_context()
+
+
 def init_module_tree(root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
     """Apply ``init_fn`` to every submodule of ``root`` in pre-order, each with its own parameters gathered under
     ZeRO-3 (one submodule at a time). Every rank runs ``init_fn``, so random streams stay in step across ranks; rank
@@ -94,13 +115,20 @@ def init_module_tree(root: nn.Module, init_fn: Callable[[nn.Module], None]) -> N
 
 
 def reset_parameters_tree(root: nn.Module) -> None:
-    """Run every submodule's own ``reset_parameters()`` (PyTorch's constructor init), each gathered under ZeRO-3:
-    the first step of initializing a model materialized from the meta device, whose tensors hold garbage."""
-    def reset(module: nn.Module) -> None:
-        if callable(getattr(module, "reset_parameters", None)) and next(module.parameters(False), None) is not None:
-            module.reset_parameters()
+    """Run every submodule's own constructor init (``reset_parameters()``, or ``_reset_parameters()`` as
+    ``nn.MultiheadAttention`` names it), children before parents as construction does (a parent's init may
+    overwrite its children's: attention zeroes its output projection's bias), each gathered under ZeRO-3: the first
+    step of initializing a model materialized from the meta device, whose tensors hold garbage."""
+    def post_order(module: nn.Module) -> Iterator[nn.Module]:
+        for child in module.children():
+            yield from post_order(child)
+        yield module
 
-    init_module_tree(root, reset)
+    for module in post_order(root):
+        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+        if callable(reset) and next(module.parameters(), None) is not None:
+            with gathered(module, recurse=True):
+                reset()
 
 
 def copy_module(module: nn.Module, factory: Callable[[], nn.Module] | None) -> nn.Module:
@@ -117,8 +145,9 @@ def copy_module(module: nn.Module, factory: Callable[[], nn.Module] | None) -> n
     return factory()
 
 
-def param_pairs(target: nn.Module, source: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """``(target, source)`` parameter pairs of two modules of the same structure, checked by name and shape."""
+def param_pairs(target: nn.Module, source: nn.Module, named: bool = False) -> list[tuple[Any, ...]]:
+    """``(target, source)`` parameter pairs of two modules of the same structure, checked by name and shape
+    (``(name, target, source)`` with ``named``)."""
     tgt, src = dict(target.named_parameters()), dict(source.named_parameters())
     if tgt.keys() != src.keys():
         raise RuntimeError(f"{type(target).__name__} and {type(source).__name__} differ in structure: "
@@ -126,7 +155,7 @@ def param_pairs(target: nn.Module, source: nn.Module) -> list[tuple[Tensor, Tens
     for name in tgt:
         if full_shape(tgt[name]) != full_shape(src[name]):
             raise RuntimeError(f"parameter {name}: shapes {full_shape(tgt[name])} and {full_shape(src[name])} differ")
-    return [(tgt[name], src[name]) for name in tgt]
+    return [(name, tgt[name], src[name]) if named else (tgt[name], src[name]) for name in tgt]
 
 
 def full_shape(param: Tensor) -> tuple[int, ...]:
@@ -154,21 +183,202 @@ def copy_local_shards(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
         target.copy_(source)
 
 
+FP32_MASTERS = "fp32_masters"
+"""Checkpoint key of the rank-local fp32 masters of parameters stored in lower precision (:class:`ShardedEMA`)."""
+
+
+def fp32_source(param: Tensor) -> Tensor:
+    """This rank's part of ``param`` at full precision: DeepSpeed's fp32 master partition for a trainable ZeRO-3
+    parameter (under bf16 the module holds bf16 copies; the optimizer updates the fp32 masters), else
+    :func:`local_shard`. Always aligned with :func:`local_shard`."""
+    if is_partitioned(param) and param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        master = safe_get_local_fp32_param(param)
+        if master is not None:
+            return master.view(param.ds_tensor.shape)
+    return local_shard(param)
+
+
+def partition_of(param: Tensor, whole: Tensor) -> Tensor:
+    """The part of the whole tensor ``whole`` that :func:`local_shard` of ``param`` holds (a copy, in ``whole``'s
+    dtype): ZeRO-3's flat partition (zero padded at the end), the DTensor's local shard, or ``whole`` itself."""
+    if tuple(whole.shape) != full_shape(param):
+        raise RuntimeError(f"a tensor of shape {tuple(whole.shape)} for a parameter of shape {full_shape(param)}")
+    if is_partitioned(param):
+        import torch.distributed as dist
+
+        size = param.ds_tensor.ds_numel
+        start = dist.get_rank(group=param.ds_process_group) * size
+        flat = whole.reshape(-1)[start:start + size]
+        part = torch.zeros(size, dtype=whole.dtype, device=param.ds_tensor.device)
+        part[:flat.numel()] = flat
+        return part.view(param.ds_tensor.shape)
+    if is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements).to_local().clone()
+    return whole.detach().clone().to(param.device)
+
+
 @torch.no_grad()
-def ema_local_shards(pairs: Iterable[tuple[Tensor, Tensor]], momentum: float) -> None:
-    """``target <- m * target + (1 - m) * source`` on each rank's local shards, in the target's dtype (the source is
-    up-cast first, so an update below bf16 resolution still lands in an fp32 target). Empty shards (a rank that holds
-    no part of a small tensor) are skipped: nothing is read from a partitioned-away placeholder."""
-    targets, sources = [], []
-    for t, s in _local_pairs(pairs):
-        if t.numel() and s.numel():
-            if t.shape != s.shape:
-                raise RuntimeError(f"EMA: local shards differ in shape ({tuple(t.shape)} vs {tuple(s.shape)}); "
-                                   "teacher and student must be sharded alike")
-            targets.append(t)
-            sources.append(s.detach().to(t.dtype))
-    if targets:
-        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+def copy_whole_(param: Tensor, whole: Tensor) -> None:
+    """``param <- whole`` (a whole tensor of ``param``'s full shape) however ``param`` is held: a DTensor keeps its
+    own shard of it (every rank must call: the value is distributed from rank 0), a plain tensor (or a ZeRO-3
+    parameter inside :func:`gathered`) takes all of it."""
+    if is_dtensor(param):
+        param.to_local().copy_(partition_of(param, whole.to(param.dtype)))
+    else:
+        param.copy_(whole.to(param.dtype))
+
+
+def _persistent_whole(param: Tensor) -> bool:
+    """A ZeRO-3 parameter that DeepSpeed keeps whole on every rank besides its partition (below
+    ``stage3_param_persistence_threshold``): forward reads the whole copy."""
+    return is_partitioned(param) and param.data.numel() == param.ds_numel
+
+
+def _refresh_persistent(params: list[Tensor]) -> None:
+    """Rebuild the whole copies of persistent ZeRO-3 parameters from their (updated) partitions (a collective:
+    every rank calls it with the same parameters), as DeepSpeed does for the ones its optimizer steps."""
+    if params:
+        params[0].partition(param_list=params)
+        params[0].all_gather(param_list=params)
+
+
+class ShardedEMA:
+    """``target <- m * target + (1 - m) * source`` on each rank's local shards, accumulated in fp32.
+
+    Works on whatever a rank holds (whole tensors, FSDP2 DTensor shards, ZeRO-3 partitions), never reads an empty
+    placeholder, and needs no communication except under ZeRO-3 with a low-precision target (below).
+
+    The source is read at full precision (:func:`fp32_source`). A target stored in fp32 receives the update in
+    place. A target stored in lower precision (DeepSpeed in bf16 stores every parameter in bf16, the frozen EMA
+    teacher's included) gets an fp32 master of its local shards, kept here (:attr:`masters`): the update accumulates
+    there and the target receives its rounding. Without it an update of ``(1 - m) * (s - t)`` below bf16's relative
+    step of 2**-8 (most of them, at ``m`` = 0.994..1) would be lost and the teacher would stop following the student.
+    The masters are rank-local state: they go into every rank's checkpoint (:meth:`state_dict`), and
+    :func:`assemble_masters` rebuilds whole fp32 tensors from the ranks' states. Masters are keyed by the target's
+    parameter names with the ``prefix`` given to :meth:`update` (``teacher.backbone.``).
+    """
+
+    def __init__(self) -> None:
+        self.masters: dict[str, Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.partitioned = False
+
+    @staticmethod
+    def needs_master(param: Tensor) -> bool:
+        return local_shard(param).dtype != torch.float32 and param.is_floating_point()
+
+    def _master(self, name: str, param: Tensor) -> Tensor:
+        master = self.masters.get(name)
+        if master is None:  # first update: the target's current values (the student's init, or a loaded teacher)
+            if is_dtensor(param):
+                raise ConfigError("an EMA target stored below fp32 under FSDP2 (--trainer.precision bf16-true?): use "
+                                  "bf16-mixed, whose sharded parameters stay fp32")
+            master = self.masters[name] = local_shard(param).detach().float().clone()
+            self.shapes[name] = full_shape(param)
+            self.partitioned = self.partitioned or is_partitioned(param)
+        elif master.device != local_shard(param).device:  # restored from a checkpoint, on the CPU
+            master = self.masters[name] = master.to(local_shard(param).device)
+        return master
+
+    @torch.no_grad()
+    def update(self, target: nn.Module, source: nn.Module, momentum: float, prefix: str = "") -> None:
+        """One EMA step of ``target`` towards ``source`` (modules of the same structure, sharded alike)."""
+        accumulators, sources, rounded, persistent = [], [], [], []
+        for name, t, s in param_pairs(target, source, named=True):
+            local, src = local_shard(t), fp32_source(s)
+            if not local.numel():  # a rank holding no part of a small tensor
+                continue
+            if local.shape != src.shape:
+                raise RuntimeError(f"EMA: local shards of {prefix}{name} differ in shape ({tuple(local.shape)} vs "
+                                   f"{tuple(src.shape)}); teacher and student must be sharded alike")
+            if self.needs_master(t):
+                master = self._master(prefix + name, t)
+                accumulators.append(master)
+                rounded.append((local, master))
+                if _persistent_whole(t):
+                    persistent.append(t)
+            else:
+                accumulators.append(local)
+                if _persistent_whole(t):  # fp32 whole copies: updated in place like the partitions, no collective
+                    if not _persistent_whole(s):
+                        raise RuntimeError(f"EMA: {prefix}{name} is a persistent ZeRO-3 parameter paired with a "
+                                           "partitioned one")
+                    accumulators.append(t.data)
+                    sources.append(src.detach().float())
+                    src = s.data
+            sources.append(src.detach().float())
+        if accumulators:
+            torch._foreach_lerp_(accumulators, sources, 1.0 - momentum)
+        for local, master in rounded:
+            local.copy_(master)
+        _refresh_persistent(persistent)
+
+    @torch.no_grad()
+    def load_whole(self, target: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
+        """Set the masters of ``target``'s low-precision parameters from whole fp32 tensors (``--model.init_from``:
+        the file's values, before the bf16 target rounded them). Keys missing from ``state`` are left alone."""
+        for name, param in target.named_parameters():
+            if self.needs_master(param) and prefix + name in state:
+                self.masters[prefix + name] = partition_of(param, state[prefix + name].float())
+                self.shapes[prefix + name] = full_shape(param)
+                self.partitioned = self.partitioned or is_partitioned(param)
+
+    def state_dict(self, prefix: str = "") -> dict[str, Any]:
+        """This rank's masters (empty where none is needed), keyed ``prefix + name``, with what
+        :func:`assemble_masters` needs to rebuild whole tensors."""
+        if not self.masters:
+            return {}
+        import torch.distributed as dist
+
+        distributed = self.partitioned and dist.is_available() and dist.is_initialized()
+        return {"layout": "zero3" if self.partitioned else "whole",
+                "rank": dist.get_rank() if distributed else 0,
+                "world_size": dist.get_world_size() if distributed else 1,
+                "shapes": {prefix + k: v for k, v in self.shapes.items()},
+                "masters": {prefix + k: v.detach().cpu().clone() for k, v in self.masters.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any], prefix: str = "") -> None:
+        """Restore this rank's masters from :meth:`state_dict` (a resumed run; an empty ``state`` drops them, so they
+        start again from the restored target's values). Raises ``ConfigError`` if the
+        checkpoint was written by another number of ranks (ZeRO-3 partitions depend on it)."""
+        if not state:  # a checkpoint without masters (an fp32 target): start them from the restored target
+            self.masters, self.shapes, self.partitioned = {}, {}, False
+            return
+        if state["layout"] == "zero3":
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if state["world_size"] != world:
+                raise ConfigError(f"--ckpt_path: the EMA teacher's fp32 partitions were saved by {state['world_size']}"
+                                  f" ranks, this run has {world}; resume with as many ranks, or start from "
+                                  "`checkpoint convert`'s file with --model.init_from")
+        self.masters = {k[len(prefix):]: v for k, v in state["masters"].items() if k.startswith(prefix)}
+        self.shapes = {k[len(prefix):]: tuple(v) for k, v in state["shapes"].items() if k.startswith(prefix)}
+        self.partitioned = state["layout"] == "zero3"
+
+
+def assemble_masters(states: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """Whole fp32 tensors from the :meth:`ShardedEMA.state_dict` of every rank (one rank's for ``whole`` layout):
+    ZeRO-3 partitions are concatenated in rank order, the padding cut and the shape restored."""
+    states = [s for s in states if s]
+    if not states:
+        return {}
+    if states[0]["layout"] == "whole":
+        return {k: v.float() for k, v in states[0]["masters"].items()}
+    world = states[0]["world_size"]
+    by_rank = {s["rank"]: s for s in states}
+    if sorted(by_rank) != list(range(world)):
+        raise ConfigError(f"the EMA teacher's fp32 partitions of ranks {sorted(set(range(world)) - set(by_rank))} "
+                          f"are missing (a checkpoint of {world} ranks)")
+    whole = {}
+    for name, shape in states[0]["shapes"].items():
+        flat = torch.cat([by_rank[r]["masters"][name].reshape(-1) for r in range(world)])
+        whole[name] = flat[:math.prod(shape)].view(shape).float()
+    return whole
 
 
 def apply_fsdp2(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: Any,
@@ -245,13 +455,8 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict:
         if is_partitioned(tensor):
             with gathered(owner[id(tensor)]):
                 tensor.data.copy_(value.to(tensor.dtype))
-        elif is_dtensor(tensor):  # distribute the value with the same layout, keep the local part
-            from torch.distributed.tensor import distribute_tensor
-
-            tensor.to_local().copy_(
-                distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements).to_local())
         else:
-            tensor.copy_(value.to(tensor.dtype))
+            copy_whole_(tensor, value)
     return missing
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import full_shape
+from lit_webssl.parallel import ShardedEMA, full_shape
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
@@ -191,6 +191,17 @@ class Objective(nn.Module, abc.ABC):
 
     def on_before_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:  # noqa: B027
         """Called after backward and before the optimizer step (e.g. per-module gradient clipping)."""
+
+    def fp32_masters(self) -> ShardedEMA | None:
+        """The :class:`~lit_webssl.parallel.ShardedEMA` holding fp32 masters of this objective's low-precision
+        copies (an EMA teacher under DeepSpeed bf16), which ``LitWebSSL`` saves with every rank's checkpoint and
+        restores on resume; ``None``: the objective keeps no such state."""
+        return None
+
+    def load_fp32_weights(self, state: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Called with the whole fp32 weights of ``--model.init_from`` (keys relative to this objective) when the
+        strategy stores the parameters in lower precision and so rounded them on load (DeepSpeed bf16): an objective
+        with :meth:`fp32_masters` sets them from these exact values."""
 
     def param_groups(self, backbone: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups for the backbone and this objective's trainable modules.

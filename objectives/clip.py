@@ -135,7 +135,8 @@ class CLIP(Objective):
             self.image_proj = nn.Linear(backbone.embed_dim, self.embed_dim, bias=False)
             self.text = TextTransformer(context_length=self.context_length, vocab_size=VOCAB_SIZE,
                                         output_dim=self.embed_dim, pool_type="argmax", **self.text_cfg)
-            self.logit_scale = nn.Parameter(torch.tensor(self.init_logit_scale))
+            # shape (1,), not open_clip's 0-d: FSDP2 cannot shard a scalar, and DeepSpeed cannot broadcast one
+            self.logit_scale = nn.Parameter(torch.full((1,), self.init_logit_scale))
         if self.image_proj.weight.is_meta:
             return
         if any(is_partitioned(p) for p in self.text.parameters()):  # ZeRO-3: open_clip's init ran on placeholders
@@ -183,7 +184,7 @@ class CLIP(Objective):
             tokens = self.tokenizer.batch(batch["caption"])
         image_emb = self.encode_image(images, backbone)  # B E
         text_emb = self.encode_text(tokens.to(images.device, non_blocking=True))  # B E
-        scale = self.logit_scale.exp()
+        scale = self.logit_scale.exp().squeeze(0)
         loss = self.loss_fn(image_emb, text_emb, scale)
         with torch.no_grad():  # image -> text retrieval within this rank's batch
             sims = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()  # B B

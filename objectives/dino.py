@@ -11,6 +11,7 @@ local crop with both. Crops are stacked crop-major: rows ``[crop 0 of every imag
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -26,9 +27,9 @@ from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
 from lit_webssl.optim import cosine_schedule
 from lit_webssl.parallel import (
+    ShardedEMA,
     copy_local_shards,
     copy_module,
-    ema_local_shards,
     gathered,
     init_module_tree,
     is_partitioned,
@@ -254,6 +255,7 @@ class DINOv2(Objective):
         self.dino_head: DINOHead | None = None
         self.ibot_head: DINOHead | None = None
         self.teacher: nn.ModuleDict | None = None
+        self.ema = ShardedEMA()  # fp32 masters of a teacher stored in bf16 (DeepSpeed), rank-local
 
     # -- building -----------------------------------------------------------------------------------------------
     def configure(self, backbone: VisionTransformer) -> None:
@@ -409,14 +411,22 @@ class DINOv2(Objective):
 
     @torch.no_grad()
     def update_teacher(self, backbone: VisionTransformer, momentum: float) -> None:
-        """``teacher <- m * teacher + (1 - m) * student`` over backbone and heads, accumulated in the teacher's
-        dtype (fp32): the student's values are up-cast first, so an update below bf16 resolution still lands.
+        """``teacher <- m * teacher + (1 - m) * student`` over backbone and heads, accumulated in fp32 so that an
+        update below bf16 resolution still lands: in the teacher itself where it is stored in fp32 (DDP, FSDP2), in
+        rank-local fp32 masters of its partitions where DeepSpeed stores it in bf16, from the student's fp32 values.
 
         Works on whatever each rank holds locally (full tensors under DDP, DTensor shards under FSDP2, ZeRO-3
-        partitions) and never reads an empty placeholder (:func:`lit_webssl.parallel.ema_local_shards`).
+        partitions) and never reads an empty placeholder (:class:`lit_webssl.parallel.ShardedEMA`).
         """
         for name, student in self.student_modules(backbone).items():
-            ema_local_shards(param_pairs(self.teacher[name], student), momentum)
+            self.ema.update(self.teacher[name], student, momentum, prefix=f"teacher.{name}.")
+
+    def fp32_masters(self) -> ShardedEMA:
+        return self.ema
+
+    def load_fp32_weights(self, state: Mapping[str, Tensor]) -> None:
+        for name, teacher in self.teacher.items():
+            self.ema.load_whole(teacher, state, prefix=f"teacher.{name}.")
 
     def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
         self.update_teacher(backbone, self.momentum_at(step - 1))

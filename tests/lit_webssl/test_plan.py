@@ -175,6 +175,8 @@ def test_ddp_replicates_and_zero3_shards_over_the_world(meta_model):
     assert zero3["gradients"][0] == 2 * p / 16
     assert zero3["optimizer"][0] == 12 * p / 16  # fp32 master + exp_avg + exp_avg_sq
     assert zero3["EMA teacher"][0] == ddp["EMA teacher"][0] / 2 / 16  # DeepSpeed stores it in bf16 too
+    masters = estimate_memory(meta_model, BATCH, settings("deepspeed_stage_3", "bf16-mixed", 8, 2)).row("fp32 masters")
+    assert masters.device == ddp["EMA teacher"][0] / 16  # and the EMA accumulates in fp32 copies of its partitions
 
 
 def test_offload_moves_states_to_host(meta_model):

@@ -11,7 +11,9 @@ that the sharded and the unsharded run compute the same thing.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, REPO, run_cli, tiny_demo
+from helpers import CONFIGS, REPO, fast_overrides, run_cli, tiny_demo
 
 from lit_webssl.checkpoint import checkpoint_kind, read_state_dict
 
@@ -34,14 +36,15 @@ STRATEGIES = {
 }
 
 
-def _overlay(path: Path, record: Path) -> Path:
-    """The settings every run of this module shares (fp32, no rank-dependent randomness, weights that move)."""
+def _overlay(path: Path, record: Path, every: int = 2) -> Path:
+    """The settings every run of this module shares (fp32, no rank-dependent randomness, weights that move), with a
+    checkpoint ``every`` steps."""
     overlay = {
         "trainer": {
             "precision": "32-true", "max_steps": STEPS, "limit_val_batches": 0, "log_every_n_steps": 1,
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 2, "save_last": True, "save_top_k": -1}},
+                 "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1}},
                 {"class_path": "sharded_probe.RecordBatches", "init_args": {"out": str(record)}},
             ],
         },
@@ -62,10 +65,10 @@ def _overlay(path: Path, record: Path) -> Path:
     return path
 
 
-def _fit(tmp: Path, data: Path, run: str, devices: int, extra: list[str], init: Path, *more: str):
+def _fit(tmp: Path, data: Path, run: str, devices: int, extra: list[str], init: Path, *more: str, every: int = 2):
     record = tmp / "ids" / run
     args = ["fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *extra,
-            "--config", str(_overlay(tmp / f"{run}.yaml", record)),
+            "--config", str(_overlay(tmp / f"{run}.yaml", record, every)),
             "--trainer.devices", str(devices), "--run_name", run, "--model.init_from", str(init),
             "--data.init_args.local", str(data), "--data.init_args.batch_size", str(8 // devices),
             "--data.init_args.num_workers", "0", "--data.init_args.num_canonical_nodes", "2", *more]
@@ -143,6 +146,82 @@ def test_sharded_teacher_resume_and_conversion_match_the_unsharded_run(reference
     resumed_weights = read_state_dict(again)
     for key, value in weights.items():
         assert torch.equal(value, resumed_weights[key]), key
+
+
+def test_zero3_bf16_teacher_accumulates_in_fp32_masters(reference):
+    """DeepSpeed in bf16 stores every parameter in bf16, the EMA teacher's included; the EMA accumulates in rank-local
+    fp32 masters of the teacher's partitions instead (``ShardedEMA``), saved in every rank's checkpoint file.
+
+    2 ranks, bf16, a checkpoint every step. The teacher of the last checkpoint, converted to one fp32 file, equals
+    an EMA recomputed offline in fp32 from ``--model.init_from``'s exact values and the student's fp32 weights of
+    every step's checkpoint (DeepSpeed's fp32 masters): so the masters are exact from the start (the file's values,
+    not their bf16 rounding), follow the student's fp32 masters, and survive saving, resuming and conversion.
+    """
+    from lit_webssl.checkpoint import convert
+
+    tmp, data, init, _, _ = reference
+    momentum = 0.9
+    extra = STRATEGIES["zero3"]
+    bf16 = ["--trainer.precision", "bf16-mixed", "--model.objective.init_args.final_momentum_teacher", str(momentum)]
+    _fit(tmp, data, "zero3_bf16", 2, extra, init, *bf16, every=1)
+    ckpt_dir = tmp / "runs/zero3_bf16/checkpoints"
+    weights = {}
+    for step in range(1, STEPS + 1):
+        weights[step] = read_state_dict(convert(next(ckpt_dir.glob(f"*step={step}.ckpt")), tmp / f"bf16_{step}.pt"))
+    initial = read_state_dict(init)
+    teacher_keys = [k for k in initial if k.startswith("objective.teacher.")]
+    student_of = {k: "backbone." + k[len("objective.teacher.backbone."):] if ".teacher.backbone." in k
+                  else k.replace(".teacher.", ".") for k in teacher_keys}
+
+    def offline_ema(store: torch.dtype) -> dict[str, torch.Tensor]:
+        teacher = {k: initial[k].to(store).float() for k in teacher_keys}
+        for step in range(1, STEPS + 1):
+            teacher = {k: torch.lerp(t, weights[step][student_of[k]], 1 - momentum).to(store).float()
+                       for k, t in teacher.items()}
+        return teacher
+
+    moved = max((weights[STEPS][k] - initial[k]).abs().max().item() for k in set(student_of.values()))
+    assert moved > 1e-3, "the student must train (a non-finite loss makes DeepSpeed skip every step)"
+    expected, in_bf16 = offline_ema(torch.float32), offline_ema(torch.bfloat16)
+    final = weights[STEPS]
+    worst = max((final[k] - expected[k]).abs().max().item() for k in teacher_keys)
+    assert worst <= 1e-6, worst
+    # the comparison can tell: an EMA kept in bf16 (or started from the file's bf16 rounding) is far off
+    assert max((in_bf16[k] - expected[k]).abs().max().item() for k in teacher_keys) > 100 * max(worst, 1e-8)
+    assert any(not torch.equal(final[k], final[k].bfloat16().float()) for k in teacher_keys)
+
+    # resumed at step 2 on 2 ranks, each restoring its own masters: bit-identical teacher at step 4
+    step2 = next(ckpt_dir.glob("*step=2.ckpt"))
+    _fit(tmp, data, "zero3_bf16_resumed", 2, extra, init, *bf16, "--ckpt_path", str(step2))
+    resumed = read_state_dict(convert(tmp / "runs/zero3_bf16_resumed/checkpoints/last.ckpt", tmp / "bf16_res.pt"))
+    for key in final:
+        assert torch.equal(final[key], resumed[key]), key
+
+
+CPU_ZERO3 = ["--trainer.strategy", "cpu_strategies.CPUDeepSpeedStrategy", "--trainer.strategy.stage", "3"]
+
+
+@pytest.mark.parametrize("objective", ["dino", "mae", "clip"])
+@pytest.mark.parametrize("block", ["deepspeed_zero3", "fsdp2"])
+def test_shipped_strategy_blocks_train_every_objective_as_shipped(tmp_path, block, objective):
+    """Each objective's demo config plus a strategy block exactly as shipped (bf16, activation checkpointing, the
+    block's clipping), on 2 CPU ranks, with the kNN probe: every logged loss is finite. ZeRO-3 on CPU needs the
+    test-only strategy class; the block's settings (stage 3, buckets, clip) are kept."""
+    data = tiny_demo(tmp_path, n_train=80, n_val=20)
+    os.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "demo" / f"{objective}_tiny.yaml"),
+            "--config", str(CONFIGS / "strategy" / f"{block}.yaml"), *(CPU_ZERO3 if block != "fsdp2" else []),
+            *fast_overrides(data, steps=3, run_name="shipped"), "--data.init_args.batch_size", "8",
+            "--trainer.devices", "2", "--trainer.log_every_n_steps", "1"]
+    result = run_cli(*args, timeout=600, env={"PYTHONPATH": os.pathsep.join([str(TESTS),
+                                                                          os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, result.stderr[-4000:]
+    version = tmp_path / "runs/shipped/version_0"
+    assert yaml.safe_load((version / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    rows = list(csv.DictReader((version / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+    assert "knn_top1" in json.loads((version / "metrics.json").read_text())
 
 
 # Each "node" gets its own /dev/shm, as real nodes have: Streaming keeps node-local state in shared memory under
