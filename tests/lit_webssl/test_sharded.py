@@ -201,12 +201,14 @@ def test_zero3_bf16_teacher_accumulates_in_fp32_masters(reference):
 CPU_ZERO3 = ["--trainer.strategy", "cpu_strategies.CPUDeepSpeedStrategy", "--trainer.strategy.stage", "3"]
 
 
-@pytest.mark.parametrize("objective", ["dino", "mae", "clip"])
-@pytest.mark.parametrize("block", ["deepspeed_zero3", "fsdp2"])
+@pytest.mark.parametrize(("block", "objective"), [
+    *[(block, objective) for block in ("deepspeed_zero3", "fsdp2") for objective in ("dino", "mae", "clip")],
+    ("deepspeed_zero3_offload", "dino"),  # DeepSpeed's CPU Adam, the EMA reading offloaded fp32 masters
+])
 def test_shipped_strategy_blocks_train_every_objective_as_shipped(tmp_path, block, objective):
     """Each objective's demo config plus a strategy block exactly as shipped (bf16, activation checkpointing, the
-    block's clipping), on 2 CPU ranks, with the kNN probe: every logged loss is finite. ZeRO-3 on CPU needs the
-    test-only strategy class; the block's settings (stage 3, buckets, clip) are kept."""
+    block's clipping, offload), on 2 CPU ranks, with the kNN probe: every logged loss is finite. ZeRO-3 on CPU needs
+    the test-only strategy class; the block's settings (stage 3, buckets, clip, offload) are kept."""
     data = tiny_demo(tmp_path, n_train=80, n_val=20)
     os.chdir(tmp_path)
     args = ["fit", "--config", str(CONFIGS / "demo" / f"{objective}_tiny.yaml"),
