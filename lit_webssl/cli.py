@@ -73,6 +73,16 @@ class WebSSLCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         _assign_run_dirs(config.trainer, config.get("run_name"))
 
+    def before_fit(self) -> None:
+        """Refuse to train a config that continues earlier weights (``model.init_required``: the 378 and 518 px
+        stages) from a random init; resuming its own checkpoint (``--ckpt_path``) is fine."""
+        model = self.model
+        if getattr(model, "init_required", False) and model.init_from is None and not self.config["fit"].get(
+                "ckpt_path"):
+            raise ConfigError("--model.init_from: this config continues from earlier weights (model.init_required); "
+                              "give the previous stage's converted checkpoint (python -m lit_webssl checkpoint "
+                              "convert CKPT OUT), or --ckpt_path to resume this run")
+
     def instantiate_trainer(self, **kwargs: Any):
         if self._plan:  # planning needs the model and data settings only
             return None

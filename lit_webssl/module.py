@@ -53,6 +53,8 @@ class LitWebSSL(L.LightningModule):
             any strategy; position embeddings stored at another grid are resampled to this run's (a 378 px stage
             from a 224 px run). Keys of this model missing from the file keep their init (and are listed); a
             resumed run (``--ckpt_path``) restores its checkpoint over them.
+        init_required: This config continues from earlier weights (a high-resolution stage): ``fit`` without
+            ``init_from`` (and without ``--ckpt_path``) stops instead of training from a random init.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class LitWebSSL(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008 - a nested config group for jsonargparse
         activation_checkpointing: bool = False,
         init_from: str | None = None,
+        init_required: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in PRESETS:
@@ -75,6 +78,7 @@ class LitWebSSL(L.LightningModule):
         if init_from is not None and not Path(init_from).is_file():
             raise ConfigError(f"--model.init_from: no file at {init_from}")
         self.init_from = init_from
+        self.init_required = init_required
         self.optim = optim or OptimConfig()
         self.backbone: VisionTransformer | None = None
         self.schedule: StepSchedule | None = None

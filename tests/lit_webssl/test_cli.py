@@ -166,6 +166,15 @@ def test_dino_contradictions_stop_with_one_clear_line(override, expected, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("stage", ["vit_7b_378.yaml", "vit_7b_518.yaml"])
+def test_a_high_resolution_stage_without_its_start_weights_stops_instead_of_starting_at_random(stage, tmp_path):
+    proc = run_cli("fit", "--config", str(CONFIGS / "webdino" / stage), "--trainer.devices", "1",
+                   "--trainer.num_nodes", "1")
+    assert proc.returncode != 0
+    assert "--model.init_from: this config continues from earlier weights" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_validate_a_checkpoint_and_print_config(tmp_path, capsys):
     data = tiny_demo(tmp_path)
     config = str(CONFIGS / "demo" / "mae_tiny.yaml")
