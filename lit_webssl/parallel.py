@@ -232,6 +232,10 @@ def copy_whole_(param: Tensor, whole: Tensor) -> None:
         param.copy_(whole.to(param.dtype))
 
 
+def _fp32_on(tensor: Tensor, device: torch.device) -> Tensor:
+    return tensor.detach().to(device=device, dtype=torch.float32)
+
+
 def _persistent_whole(param: Tensor) -> bool:
     """A ZeRO-3 parameter that DeepSpeed keeps whole on every rank besides its partition (below
     ``stage3_param_persistence_threshold``): forward reads the whole copy."""
@@ -308,9 +312,11 @@ class ShardedEMA:
                         raise RuntimeError(f"EMA: {prefix}{name} is a persistent ZeRO-3 parameter paired with a "
                                            "partitioned one")
                     accumulators.append(t.data)
-                    sources.append(src.detach().float())
+                    sources.append(_fp32_on(src, local.device))
                     src = s.data
-            sources.append(src.detach().float())
+            # DeepSpeed hands its fp32 masters over on the accelerator, also when they (and, with parameter offload,
+            # the teacher's partitions and masters) live on the host
+            sources.append(_fp32_on(src, local.device))
         if accumulators:
             torch._foreach_lerp_(accumulators, sources, 1.0 - momentum)
         for local, master in rounded:
