@@ -83,6 +83,38 @@ def test_ema_update_accumulates_in_fp32_below_bf16_resolution():
     assert (teacher > 1.0).all()
 
 
+def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_checkpoint():
+    """A teacher stored in bf16 (as DeepSpeed stores it; here ``bf16-true`` on one process) gets fp32 masters: 5 updates
+    of 6e-6 each, each invisible in bf16, add up in the master and reach the bf16 teacher once they pass its step."""
+    from lit_webssl.parallel import FP32_MASTERS, assemble_masters
+
+    backbone, objective = setup()
+    objective.teacher.bfloat16()
+    teacher = objective.teacher["backbone"].blocks[0].attn.qkv.weight
+    student = backbone.blocks[0].attn.qkv.weight
+    with torch.no_grad():
+        teacher.fill_(1.0)
+        student.fill_(1.0 + 1e-3)
+    for _ in range(5):
+        objective.update_teacher(backbone, momentum=0.994)
+    master = objective.fp32_masters().masters["teacher.backbone.blocks.0.attn.qkv.weight"]
+    expected = 1.0 + 1e-3 * (1 - 0.994**5)
+    torch.testing.assert_close(master, torch.full_like(master, expected), rtol=0, atol=3e-7)  # fp32 ulps at 1.0
+    assert teacher.dtype == torch.bfloat16 and torch.equal(teacher, master.bfloat16())
+    assert torch.equal(teacher, torch.ones_like(teacher))  # 3e-5 is still below bf16's step at 1.0 (2**-7)
+
+    state = {FP32_MASTERS: objective.fp32_masters().state_dict(prefix="objective.")}
+    assert state[FP32_MASTERS]["layout"] == "whole"
+    whole = assemble_masters([state[FP32_MASTERS]])
+    assert torch.equal(whole["objective.teacher.backbone.blocks.0.attn.qkv.weight"], master)
+    _, resumed = setup()
+    resumed.teacher.bfloat16()
+    resumed.fp32_masters().load_state_dict(state[FP32_MASTERS], prefix="objective.")
+    assert torch.equal(resumed.fp32_masters().masters["teacher.backbone.blocks.0.attn.qkv.weight"], master)
+    resumed.fp32_masters().load_state_dict({}, prefix="objective.")  # a checkpoint without masters: start afresh
+    assert not resumed.fp32_masters().masters
+
+
 def test_ema_update_moves_the_teacher_under_bf16_mixed_fit(tmp_path):
     import lightning as L
 
