@@ -115,6 +115,23 @@ def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_che
     assert not resumed.fp32_masters().masters
 
 
+def test_fp32_masters_of_another_world_stop_with_one_line():
+    """ZeRO-3 partitions depend on the number of ranks: masters saved by 2 ranks cannot be resumed by 1, and a
+    conversion missing a rank's file cannot assemble them."""
+    from lit_webssl.errors import ConfigError
+    from lit_webssl.parallel import ShardedEMA, assemble_masters
+
+    state = {"layout": "zero3", "rank": 0, "world_size": 2, "shapes": {"objective.teacher.w": (3,)},
+             "masters": {"objective.teacher.w": torch.zeros(2)}}
+    with pytest.raises(ConfigError, match=r"--ckpt_path: .* saved by 2 ranks, this run has 1"):
+        ShardedEMA().load_state_dict(state, prefix="objective.")
+    with pytest.raises(ConfigError, match=r"ranks \[1\] are missing"):
+        assemble_masters([state])
+    other = {**state, "rank": 1, "masters": {"objective.teacher.w": torch.tensor([5.0, 0.0])}}
+    whole = assemble_masters([other, state])  # rank order, padding cut
+    assert torch.equal(whole["objective.teacher.w"], torch.tensor([0.0, 0.0, 5.0]))
+
+
 def test_ema_update_moves_the_teacher_under_bf16_mixed_fit(tmp_path):
     import lightning as L
 
