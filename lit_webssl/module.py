@@ -83,6 +83,7 @@ class LitWebSSL(L.LightningModule):
         self.backbone: VisionTransformer | None = None
         self.schedule: StepSchedule | None = None
         self.lr_scale = 1.0  # multiplies the scheduled lr (a resolution stage's lr_scale)
+        self._init_state: dict[str, torch.Tensor] | None = None  # init_from's weights, kept to on_fit_start
         self.save_hyperparameters(
             {"backbone": backbone, "backbone_overrides": self.backbone_overrides, "optim": asdict(self.optim),
              "objective": type(objective).__name__}
@@ -129,6 +130,8 @@ class LitWebSSL(L.LightningModule):
             state = read_state_dict(self.init_from)
             resampled = fit_pos_embed_grids(self, state)
             missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
+        if strategy_family(getattr(self._trainer, "strategy", None)) == "deepspeed":
+            self._init_state = state  # for on_fit_start, once the optimizer's fp32 masters exist (memory-mapped)
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:
@@ -165,15 +168,12 @@ class LitWebSSL(L.LightningModule):
         """Under DeepSpeed in bf16 the module stores bf16 copies, so ``init_from``'s fp32 values were rounded when
         loaded in :meth:`configure_model`; now that the optimizer exists, give its fp32 masters (and the objective's,
         e.g. the EMA teacher's) the file's exact values. A resumed run restores its checkpoint over these."""
-        if self.init_from is None or strategy_family(self.trainer.strategy) != "deepspeed":
-            return
+        state, self._init_state = self._init_state, None  # what configure_model read and resampled (DeepSpeed only)
         rounded = [(n, p) for n, p in self.named_parameters() if local_shard(p).dtype != torch.float32]
-        if not rounded:
+        if state is None or not rounded:
             return
         from deepspeed.utils import safe_set_local_fp32_param
 
-        state = read_state_dict(self.init_from)
-        fit_pos_embed_grids(self, state)
         for name, param in rounded:
             if param.requires_grad and name in state:
                 safe_set_local_fp32_param(param, partition_of(param, state[name].float()))
