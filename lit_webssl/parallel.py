@@ -275,15 +275,19 @@ class ShardedEMA:
     def needs_master(param: Tensor) -> bool:
         return local_shard(param).dtype != torch.float32 and param.is_floating_point()
 
+    def _set_master(self, name: str, param: Tensor, value: Tensor) -> Tensor:
+        """Make ``value`` (fp32, aligned with ``param``'s local shard) the master of ``param``."""
+        self.masters[name], self.shapes[name] = value, full_shape(param)
+        self.partitioned = self.partitioned or is_partitioned(param)
+        return value
+
     def _master(self, name: str, param: Tensor) -> Tensor:
         master = self.masters.get(name)
         if master is None:  # first update: the target's current values (the student's init, or a loaded teacher)
             if is_dtensor(param):
                 raise ConfigError("an EMA target stored below fp32 under FSDP2 (--trainer.precision bf16-true?): use "
                                   "bf16-mixed, whose sharded parameters stay fp32")
-            master = self.masters[name] = local_shard(param).detach().float().clone()
-            self.shapes[name] = full_shape(param)
-            self.partitioned = self.partitioned or is_partitioned(param)
+            master = self._set_master(name, param, local_shard(param).detach().float().clone())
         elif master.device != local_shard(param).device:  # restored from a checkpoint, on the CPU
             master = self.masters[name] = master.to(local_shard(param).device)
         return master
@@ -329,9 +333,7 @@ class ShardedEMA:
         the file's values, before the bf16 target rounded them). Keys missing from ``state`` are left alone."""
         for name, param in target.named_parameters():
             if self.needs_master(param) and prefix + name in state:
-                self.masters[prefix + name] = partition_of(param, state[prefix + name].float())
-                self.shapes[prefix + name] = full_shape(param)
-                self.partitioned = self.partitioned or is_partitioned(param)
+                self._set_master(prefix + name, param, partition_of(param, state[prefix + name].float()))
 
     def state_dict(self, prefix: str = "") -> dict[str, Any]:
         """This rank's masters (empty where none is needed), keyed ``prefix + name``, with what
