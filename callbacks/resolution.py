@@ -8,9 +8,10 @@ so a checkpoint or export taken in a stage carries that grid (27 x 27 at 378 px,
 as the released Web-SSL checkpoints do. Why a permanent resample and not on-the-fly interpolation, what happens to
 the Adam moments and how resume and sharded strategies work: ``docs/resolution.md``.
 
-A stage as its own launch, started from the weights of a finished run at another resolution (the way under sharded
-strategies), needs no callback: ``--model.init_from`` loads them and resamples the stored position embeddings to the
-run's grid (:class:`lit_webssl.module.LitWebSSL`, ``configs/webdino/vit_7b_{378,518}.yaml``).
+A stage as its own launch, started from the weights of a finished run at another resolution (the way under
+DeepSpeed, and the released checkpoints' chain), needs no callback: ``--model.init_from`` loads them and resamples
+the stored position embeddings to the run's grid (:class:`lit_webssl.module.LitWebSSL`,
+``configs/webdino/vit_7b_{378,518}.yaml``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import is_sharded, strategy_family
+from lit_webssl.parallel import init_adam_state, is_sharded, strategy_family
 from lit_webssl.presets import PRESETS
 
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -76,8 +77,9 @@ class ProgressiveResolution(L.Callback):
     (``batch_size x devices x nodes x accumulate_grad_batches``). Schedules of the optimizer and objective keep
     counting optimizer steps with the global batch of the first stage.
 
-    Works with replicated strategies (single device, DDP). A sharded strategy (FSDP2, ZeRO-3) can change the grid
-    only where the parameters are whole: run each stage as its own launch started from the previous stage's weights
+    Works with single device, DDP and FSDP2 (``ModelParallelStrategy``: ``LitWebSSL`` keeps the position tables out
+    of the sharding, whole on every rank). DeepSpeed (ZeRO-3, and ZeRO-1/2's flat optimizer buffers) fixes every
+    shape when the engine is built: run each stage as its own launch started from the previous stage's weights
     (``--model.init_from``, ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
 
     Args:
@@ -155,9 +157,10 @@ class ProgressiveResolution(L.Callback):
         sharded = _fixed_shape_strategy(trainer.strategy)
         if sharded and len(self.stages) > 1:
             raise ConfigError(
-                f"{FLAG}.stages: {sharded} shards the parameters, so the position grid cannot change in the middle of "
-                "a run; give one stage per launch and start each from the previous one's weights with "
-                "--model.init_from (configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
+                f"{FLAG}.stages: {sharded} lays out its buffers for the shapes the model was built with, so the "
+                "position grid cannot change in the middle of a run; use FSDP2 (configs/strategy/fsdp2.yaml), or give "
+                "one stage per launch and start each from the previous one's weights with --model.init_from "
+                "(configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
             )
         self._patch = _patch_size(pl_module)
         for i, st in enumerate(self.stages):
@@ -181,7 +184,10 @@ class ProgressiveResolution(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_started = True
-        self._enter(trainer, pl_module, self._stage, rebuild=False)
+        # The model was built at the grid of the stage it starts in (setup's img_size, or the checkpoint's own grid
+        # for a sharded resume, before the callback's state is restored), so no resample here: a resample to stage 0
+        # would undo the latter before the checkpoint loads.
+        self._enter(trainer, pl_module, self._stage, rebuild=False, resample=False)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         target = self.stage_at(trainer.global_step)
@@ -223,7 +229,8 @@ class ProgressiveResolution(L.Callback):
             self._enter(self._trainer, self._trainer.lightning_module, stage, rebuild=False)
 
     # -- applying a stage ----------------------------------------------------------------------------------------
-    def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, rebuild: bool) -> None:
+    def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, rebuild: bool,
+               resample: bool = True) -> None:
         st = self.stages[index]
         objective = pl_module.objective
         objective.set_resolution(st.global_crop_size, st.local_crop_size)
@@ -232,7 +239,8 @@ class ProgressiveResolution(L.Callback):
         datamodule.set_views(objective.views())
         pl_module.lr_scale = st.lr_scale
         grid = st.global_crop_size // self._patch
-        resample_module_grids(trainer, pl_module, grid)
+        if resample:
+            resample_module_grids(trainer, pl_module, grid)
         overrides = getattr(pl_module, "backbone_overrides", None)
         if isinstance(overrides, dict):  # the saved hyperparameters name the native size of the checkpoint's grid
             overrides["img_size"] = st.global_crop_size
@@ -258,13 +266,13 @@ def _patch_size(pl_module: L.LightningModule) -> int:
 
 
 def _fixed_shape_strategy(strategy: Any) -> str | None:
-    """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``: the
-    sharded families of :func:`lit_webssl.parallel.strategy_family` (FSDP2, ZeRO-3), and also DeepSpeed's ZeRO-1/2
-    and FSDP1, which that function counts as replicated (whole parameters) but which keep the Adam moments (ZeRO-1/2)
-    or the parameters (FSDP1) in flat buffers laid out for the shapes the model was built with."""
+    """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``:
+    DeepSpeed at any ZeRO stage (parameters, gradients and Adam moments in flat buffers laid out when the engine is
+    built) and FSDP1 (flat parameters). FSDP2 is not one: ``LitWebSSL`` keeps the position tables out of its
+    sharding (:func:`lit_webssl.parallel.apply_fsdp2`'s ``replicate``)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    if strategy_family(strategy) != "replicated" or isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
         return type(strategy).__name__
     return None
 
@@ -274,7 +282,10 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
 
     The optimizers get the new parameters in place of the old ones and drop the old ones' state (Adam moments and
     step count: the new table starts fresh, bias-corrected, moments). A DDP wrapper is rebuilt around the module (its
-    reducer was laid out for the old shapes). Raises a :class:`ConfigError` under a sharded strategy.
+    reducer was laid out for the old shapes). Under FSDP2 the tables are replicated plain tensors (out of the
+    sharding), so the same swap applies; the new table gets its zero Adam state at once, as every parameter there
+    has (:func:`lit_webssl.parallel.init_adam_state`), so a checkpoint saved before its first step loads. Raises a
+    :class:`ConfigError` when a table is sharded.
 
     Returns:
         Names of the ViTs that changed.
@@ -285,9 +296,10 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
         return []
     if any(is_sharded(m.pos_embed) for m in vits.values()):
         raise ConfigError(
-            f"{FLAG}: changing the position grid in the middle of a run needs whole parameters, but this strategy "
-            f"({type(trainer.strategy).__name__}) shards them; launch each stage from the previous stage's weights "
-            "(--model.init_from, configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
+            f"{FLAG}: changing the position grid in the middle of a run needs whole position tables, but this "
+            f"strategy ({type(trainer.strategy).__name__}) shards them (LitWebSSL keeps them out of FSDP2's "
+            "sharding); launch each stage from the previous stage's weights (--model.init_from, "
+            "configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
         )
     swaps: dict[int, nn.Parameter] = {}
     for vit in vits.values():
@@ -303,6 +315,8 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
                     param = swaps[id(param)]
                 params.append(param)
             group["params"] = params
+        if strategy_family(trainer.strategy if trainer is not None else None) == "fsdp2":
+            init_adam_state(optimizer)
     _rewrap_ddp(trainer)
     return list(vits)
 

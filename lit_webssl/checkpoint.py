@@ -62,6 +62,29 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def stored_grid(path: str | Path, key: str = "backbone.pos_embed", num_prefix_tokens: int = 1) -> int | None:
+    """Side of the position-embedding grid that the checkpoint at ``path`` stores under ``key`` (a run saved in a
+    later resolution stage stores a larger one), read without loading the weights: a distributed checkpoint's
+    metadata or a memory-mapped file. ``None`` when the entry is absent or the checkpoint is a DeepSpeed folder."""
+    from lit_webssl.backbone import grid_of
+
+    kind = checkpoint_kind(path)
+    if kind == "dcp":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"state_dict.{key}")
+        shape = tuple(meta.size) if meta is not None and hasattr(meta, "size") else None
+    elif kind == "file":
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+        shape = tuple(state[key].shape) if isinstance(state.get(key), Tensor) else None
+    else:
+        shape = None
+    if shape is None:
+        return None
+    return grid_of(torch.empty(shape, device="meta"), num_prefix_tokens, f"{path}: {key}")
+
+
 def _consolidate(path: Path, kind: Kind, scratch: Path) -> dict[str, Any]:
     """The whole checkpoint as one dict (``state_dict``, optimizer states where kept, Lightning's metadata)."""
     if kind == "deepspeed":

@@ -75,8 +75,11 @@ class WebSSLCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Refuse to train a config that continues earlier weights (``model.init_required``: the 378 and 518 px
-        stages) from a random init; resuming its own checkpoint (``--ckpt_path``) is fine."""
+        stages) from a random init; resuming its own checkpoint (``--ckpt_path``) is fine. Tell the model which
+        checkpoint it resumes (``LitWebSSL.resume_from``: FSDP2 builds it at the stored position grid)."""
         model = self.model
+        if hasattr(model, "resume_from"):
+            model.resume_from = self.config["fit"].get("ckpt_path")
         if getattr(model, "init_required", False) and model.init_from is None and not self.config["fit"].get(
                 "ckpt_path"):
             raise ConfigError("--model.init_from: this config continues from earlier weights (model.init_required); "

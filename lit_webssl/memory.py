@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from lit_webssl.activations import BOTH
+from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
 
 STRATEGY_FLAG = "--trainer.strategy"
@@ -231,6 +232,8 @@ class ModelCounts:
         buffer_bytes: Bytes of all buffers (DINO centers...), as stored.
         largest_block: Parameters of the largest timm ``Block`` (a sharding unit).
         outside_blocks: Parameters outside every ``Block`` (student and teacher: FSDP's root unit).
+        tables: Trainable elements of the ViTs' position tables (FSDP2 keeps them whole on every rank).
+        tables_frozen: Position-table elements without gradient (the EMA teacher's, MAE's sin-cos).
     """
 
     backbone: int
@@ -241,6 +244,8 @@ class ModelCounts:
     buffer_bytes: int
     largest_block: int
     outside_blocks: int
+    tables: int = 0
+    tables_frozen: int = 0
 
     @property
     def trainable(self) -> int:
@@ -267,6 +272,8 @@ def count_model(backbone: nn.Module, objective: nn.Module) -> ModelCounts:
     blocks = [m for m in (*backbone.modules(), *objective.modules()) if isinstance(m, Block)]
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     buffers = {id(b): b.numel() * b.element_size() for m in (backbone, objective) for b in m.buffers()}
+    tables = {id(m.pos_embed): m.pos_embed for root in (backbone, objective) for m in root.modules()
+              if isinstance(m, VisionTransformer)}.values()
     return ModelCounts(
         backbone=sum(p.numel() for p in bb if p.requires_grad),
         backbone_frozen=sum(p.numel() for p in bb if not p.requires_grad),
@@ -276,6 +283,8 @@ def count_model(backbone: nn.Module, objective: nn.Module) -> ModelCounts:
         buffer_bytes=sum(buffers.values()),
         largest_block=max(block_sizes, default=0),
         outside_blocks=sum(p.numel() for p in bb + obj) - sum(block_sizes),
+        tables=sum(t.numel() for t in tables if t.requires_grad),
+        tables_frozen=sum(t.numel() for t in tables if not t.requires_grad),
     )
 
 
@@ -353,6 +362,11 @@ def state_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
     ]
     if spec.kind == "deepspeed" and pbytes < FP32 and counts.teacher:  # ShardedEMA's fp32 masters of its partitions
         rows.append(place("fp32 masters of the EMA teacher", counts.teacher * FP32 / p_div, on_host))
+    if spec.kind == "fsdp2" and p_div > 1 and counts.tables + counts.tables_frozen:
+        # LitWebSSL keeps the position tables out of FSDP2's sharding (resolution stages change their shape): the
+        # rows above divided them by p_div, add the rest (fp32 weights, gradient and two moments; teacher weights)
+        whole = counts.tables * 4 * FP32 + counts.tables_frozen * FP32
+        rows.append(Row("position tables, whole on every rank (fp32)", whole * (1 - 1 / p_div)))
     if counts.buffer_bytes:
         rows.append(Row("buffers", counts.buffer_bytes))
     return rows + strategy_rows(counts, spec, precision, world, devices)

@@ -13,19 +13,23 @@ import torch
 from torch import nn
 
 from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, match_pos_embed_grids
-from lit_webssl.checkpoint import read_state_dict
+from lit_webssl.checkpoint import read_state_dict, stored_grid
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.base import Objective, normalize_uint8
 from lit_webssl.optim import OptimConfig, StepSchedule
 from lit_webssl.parallel import (
     FP32_MASTERS,
     apply_fsdp2,
+    average_replicated_grads,
+    broadcast_replicated,
+    clip_grad_norm_,
     fsdp2_mesh,
     init_adam_state,
     load_full_state_dict,
     local_shard,
     outside_zero_init,
     partition_of,
+    split_replicated_groups,
     strategy_family,
 )
 from lit_webssl.presets import PRESETS, build_backbone
@@ -84,6 +88,11 @@ class LitWebSSL(L.LightningModule):
         self.schedule: StepSchedule | None = None
         self.lr_scale = 1.0  # multiplies the scheduled lr (a resolution stage's lr_scale)
         self._init_state: dict[str, torch.Tensor] | None = None  # init_from's weights, kept to on_fit_start
+        self.resume_from: str | None = None
+        """The checkpoint ``fit`` will resume (``--ckpt_path``; the CLI sets it). Under FSDP2 the model is then built
+        at the position grid stored there, since the distributed checkpoint loads into tensors of its own shapes
+        (a run resumed in a later resolution stage). Lightning's ``trainer.ckpt_path``, when set before ``fit``,
+        counts too."""
         self.save_hyperparameters(
             {"backbone": backbone, "backbone_overrides": self.backbone_overrides, "optim": asdict(self.optim),
              "objective": type(objective).__name__}
@@ -110,17 +119,38 @@ class LitWebSSL(L.LightningModule):
             self.objective.configure(self.backbone)
             self._load_init_weights()
             return
+        self._build_at_resumed_grid()
         with torch.device("meta"):
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
         compute = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
         backbones = [self.backbone, *(m for m in self.objective.modules() if isinstance(m, VisionTransformer))]
         blocks = [block for bb in backbones for block in bb.blocks]
-        apply_fsdp2(blocks, [*backbones, self.objective], fsdp2_mesh(self.device_mesh), param_dtype=compute)
+        # The position tables stay whole on every rank, out of the sharding, so a resolution stage can change
+        # their shape in the middle of the run (callbacks/resolution.py); they are 0.1% of a ViT-7B at 518 px.
+        apply_fsdp2(blocks, [*backbones, self.objective], fsdp2_mesh(self.device_mesh), param_dtype=compute,
+                    replicate=[bb.pos_embed for bb in backbones])
         self.to_empty(device=strategy.root_device)
         self.backbone.init_weights(materialize=True)
         self.objective.init_weights(self.backbone)
         self._load_init_weights()
+        broadcast_replicated(self)
+
+    def _build_at_resumed_grid(self) -> None:
+        """Resuming under FSDP2: build the backbone at the native size of the position grid the checkpoint stores
+        (it may be a later resolution stage's), so its tensors load into the same shapes."""
+        path = self.resume_from or getattr(self._trainer, "ckpt_path", None)
+        if not path:
+            return
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if str(path) in ("last", "hpc", "best", "registry"):  # resolved exactly as fit will resolve it
+            path = self.trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn.FITTING, str(path), model_provided=True, model_connected=True)
+        probe = self.build_backbone(device="meta")  # shapes only
+        grid = stored_grid(path, num_prefix_tokens=probe.num_prefix_tokens) if path else None
+        if grid is not None and grid != probe.grid_size:
+            self.backbone_overrides["img_size"] = grid * probe.patch_size
 
     def _load_init_weights(self) -> None:
         """Load ``init_from`` into the built model (memory-mapped: ranks on a node share the pages)."""
@@ -151,6 +181,8 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
+        if strategy_family(getattr(self._trainer, "strategy", None)) == "fsdp2":
+            groups = split_replicated_groups(groups)  # the replicated position tables apart from DTensors
         if _offloads_optimizer(getattr(self._trainer, "strategy", None)):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
 
@@ -249,7 +281,17 @@ class LitWebSSL(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        average_replicated_grads(self)  # FSDP2's unsharded position tables; nothing elsewhere
         self.objective.on_before_optimizer_step(self.backbone, self.global_step)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, by norm also over FSDP2 gradients that mix shards and replicated tensors."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and strategy_family(
+                getattr(self._trainer, "strategy", None)) == "fsdp2":
+            clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

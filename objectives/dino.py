@@ -28,6 +28,7 @@ from lit_webssl.errors import ConfigError
 from lit_webssl.optim import cosine_schedule
 from lit_webssl.parallel import (
     ShardedEMA,
+    clip_grad_norm_,
     copy_local_shards,
     copy_module,
     gathered,
@@ -437,7 +438,7 @@ class DINOv2(Objective):
         for module in self.student_modules(backbone).values():
             params = [p for p in module.parameters() if p.grad is not None]
             if params:
-                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+                clip_grad_norm_(params, self.clip_grad)  # FSDP2: shards and replicated position tables
 
     def eval_backbone(self, backbone: VisionTransformer) -> nn.Module:
         return self.teacher["backbone"]

@@ -80,13 +80,13 @@ def tiny_dino_module(init_from: str | None = None, **objective_args: Any) -> Lit
     return LitWebSSL(objective, backbone="vit_debug", init_from=init_from)
 
 
-def write_source_weights(path: Path, img_size: int = 32) -> dict[str, Tensor]:
+def write_source_weights(path: Path, img_size: int = 32, source: LitWebSSL | None = None) -> dict[str, Tensor]:
     """Save the weights of a finished tiny run at ``img_size`` px to ``path`` as ``{"state_dict": ...}`` and return
     them. Every tensor (parameters, DINO and iBOT centers) is offset by noise of std 1e-2, so none equals what a fresh
     build draws or sets (LayerNorm ones, zero biases and centers): whatever matches it after a load came from the
-    file."""
+    file. ``source``: the module to build (not yet built), :func:`tiny_dino_module` by default."""
     generator = torch.Generator().manual_seed(1)
-    source = tiny_dino_module()
+    source = source or tiny_dino_module()
     source.backbone_overrides["img_size"] = img_size
     source.configure_model()
     state = {k: v.detach().clone() for k, v in source.state_dict().items()}
@@ -118,8 +118,69 @@ def fsdp2_warm_start_worker(rank: int, port: int, root: str) -> None:
         target._device_mesh = init_device_mesh("cpu", (2,))
         target.configure_model()
         target._trainer = None
-        assert hasattr(target.backbone.pos_embed, "device_mesh")  # a DTensor: rank 1 holds none of the (1, N, D) rows
+        assert hasattr(target.backbone.blocks[0].attn.qkv.weight, "device_mesh")  # sharded blocks, but the
+        assert not hasattr(target.backbone.pos_embed, "device_mesh")  # position table whole on every rank
         loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in target.state_dict().items()}
         torch.save(loaded, Path(root) / f"loaded{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def mixed_clip_worker(rank: int, port: int, root: str) -> None:
+    """One rank of a 2-rank gloo group: a module with FSDP2-sharded layers and a replicated plain parameter (the
+    ``replicate`` of ``apply_fsdp2``) gets rank-dependent gradients, which are averaged, clipped to a norm below
+    theirs, and stepped by AdamW over the split groups; saves the whole gradients and parameters to
+    ``<root>/clip<rank>.pt``."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from lit_webssl.parallel import (
+        apply_fsdp2,
+        average_replicated_grads,
+        broadcast_replicated,
+        clip_grad_norm_,
+        replicated_params,
+        split_replicated_groups,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(rank)  # different inits per rank: the broadcast must make the replicated one agree
+        model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+        model.register_parameter("table", nn.Parameter(torch.randn(1, 7, 3)))
+        start = {k: v.detach().clone() for k, v in torch.load(Path(root) / "start.pt").items()}
+        apply_fsdp2([model[0], model[1]], [model], init_device_mesh("cpu", (2,)), replicate=[model.table])
+        for name, param in model.named_parameters():
+            value = start[name]
+            if hasattr(param, "device_mesh"):
+                value = distribute_tensor(value, param.device_mesh, param.placements).to_local()
+                param.to_local().data.copy_(value)
+            elif rank == 0:
+                param.data.copy_(value)
+        broadcast_replicated(model)
+        assert replicated_params(model) == [model.table]
+        grads = torch.load(Path(root) / f"grads{rank}.pt")
+        for name, param in model.named_parameters():
+            param.grad = (distribute_tensor(grads[name], param.device_mesh, param.placements)
+                          if hasattr(param, "device_mesh") else grads[name].clone())
+        average_replicated_grads(model)  # the sharded ones: averaged here by hand, as a reduce-scatter would
+        for name, param in model.named_parameters():
+            if hasattr(param, "device_mesh"):
+                mean = (torch.load(Path(root) / "grads0.pt")[name] + torch.load(Path(root) / "grads1.pt")[name]) / 2
+                param.grad = distribute_tensor(mean, param.device_mesh, param.placements)
+        total = clip_grad_norm_(model.parameters(), 0.5)
+        whole_grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                       for n, p in model.named_parameters()}
+        groups = split_replicated_groups([{"params": list(model.parameters()), "weight_decay": 0.1}])
+        optimizer = torch.optim.AdamW(groups, lr=0.1)
+        optimizer.step()
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in model.named_parameters()}
+        torch.save({"total": total, "grads": whole_grads, "params": params, "groups": len(groups)},
+                   Path(root) / f"clip{rank}.pt")
     finally:
         dist.destroy_process_group()

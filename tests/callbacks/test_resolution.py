@@ -21,9 +21,10 @@ from lit_webssl.objectives import CLIP, MAE, DINOv2
 from resolution_probe import fsdp2_warm_start_worker, tiny_dino_module, write_source_weights
 
 from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, grid_of, sincos_pos_embed
-from lit_webssl.checkpoint import read_state_dict
+from lit_webssl.checkpoint import checkpoint_kind, read_state_dict, stored_grid
 from lit_webssl.cli import main
 from lit_webssl.errors import ConfigError
+from lit_webssl.module import LitWebSSL
 
 HERE = Path(__file__).resolve().parent
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -129,17 +130,53 @@ def test_crop_sizes_must_be_multiples_of_the_patch_size():
         callback.setup(_fake_trainer(_fake_datamodule()), _module(), "fit")
 
 
-def test_sharded_strategies_take_one_stage_per_launch():
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def test_deepspeed_takes_one_stage_per_launch_fsdp2_many():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
     trainer = _fake_trainer(_fake_datamodule())
-    trainer.strategy = ModelParallelStrategy()
+    trainer.strategy = DeepSpeedStrategy(stage=3)
     two = ProgressiveResolution([{"start": 0, "global_crop_size": 32}, {"start": 10, "global_crop_size": 48}])
-    with pytest.raises(ConfigError, match=r"stages: ModelParallelStrategy shards the parameters.*--model\.init_from"):
+    with pytest.raises(ConfigError, match=r"stages: DeepSpeedStrategy lays out its buffers.*fsdp2.*--model\.init_from"):
         two.setup(trainer, _module(), "fit")
     module = _module()
     ProgressiveResolution([{"start": 0, "global_crop_size": 48}]).setup(trainer, module, "fit")
     assert module.backbone_overrides["img_size"] == 48  # built at the stage's grid, before any sharding
+    trainer.strategy = ModelParallelStrategy()
+    module = _module()
+    two.setup(trainer, module, "fit")  # FSDP2 keeps the position tables whole: stages change them in the run
+    assert module.backbone_overrides["img_size"] == 32
+
+
+@pytest.mark.distributed
+def test_mixed_fsdp2_and_replicated_gradients_clip_and_step_like_whole_ones(tmp_path):
+    """FSDP2 shards plus a replicated table (the position tables under progressive resolution): the table's
+    gradients are averaged over ranks, the clip uses the norm of the whole gradient, and AdamW steps the split groups
+    as torch's own functions do on the whole, unsharded tensors."""
+    import torch.multiprocessing as mp
+    from resolution_probe import mixed_clip_worker
+    from torch import nn
+
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    whole.register_parameter("table", nn.Parameter(torch.randn(1, 7, 3)))
+    torch.save({k: v.detach() for k, v in whole.named_parameters()}, tmp_path / "start.pt")
+    grads = [{k: torch.randn_like(v) * (rank + 1) for k, v in whole.named_parameters()} for rank in (0, 1)]
+    for rank in (0, 1):
+        torch.save(grads[rank], tmp_path / f"grads{rank}.pt")
+    mp.spawn(mixed_clip_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    for name, param in whole.named_parameters():
+        param.grad = (grads[0][name] + grads[1][name]) / 2
+    total = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.5)
+    assert total > 1.0  # the clip is active
+    torch.optim.AdamW(whole.parameters(), lr=0.1, weight_decay=0.1).step()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"clip{rank}.pt")
+        assert got["groups"] == 2  # the table apart from the DTensors
+        torch.testing.assert_close(got["total"], total, rtol=1e-6, atol=0)
+        for name, param in whole.named_parameters():
+            torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-6, atol=1e-7, msg=name)
+            torch.testing.assert_close(got["params"][name], param.detach(), rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_samples_convert_to_steps_with_each_previous_stage_global_batch():
@@ -289,24 +326,40 @@ def test_init_from_loads_fsdp2_shards_on_two_ranks(tmp_path):
             assert torch.equal(loaded[key], expected), (rank, key)
 
 
-# -- DDP -----------------------------------------------------------------------------------------------------------
-@pytest.mark.distributed
-def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
-    data = tiny_demo(tmp_path, n_train=32, n_val=8)
-    out = tmp_path / "out"
+# -- DDP and FSDP2 on 2 ranks ---------------------------------------------------------------------------------------
+def _launch(tmp: Path, data: Path, run: str, *extra: str) -> None:
+    """``fit`` the two-stage tiny DINOv2 of :func:`_config` on 2 CPU ranks (torchrun), from ``<tmp>/init.ckpt``;
+    the records go to ``<tmp>/out/<run>``, checkpoints (one every step) to ``<tmp>/runs/<run>/checkpoints``."""
+    config = _config(tmp / f"{run}.yaml", tmp / "out" / run)
     path = os.pathsep.join([str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lit_webssl",
+           *_args(config, data, run, "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                  "--model.init_from", str(tmp / "init.ckpt"), *extra, steps=4)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def launch(run: str, *extra: str) -> None:
-        config = _config(tmp_path / f"{run}.yaml", out / run)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lit_webssl",
-               *_args(config, data, run, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                      "--trainer.accelerator", "cpu", *extra, steps=4)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
 
-    launch("ddp")
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The two-stage run under DDP on 2 ranks, 4 steps (the boundary after step 2), from weights saved once (so
+    other strategies start from the same ones): ``(tmp, data)``."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    data = tiny_demo(tmp, n_train=32, n_val=8)
+    config = yaml.safe_load(_config(tmp / "probe.yaml", tmp / "probe") and (tmp / "probe.yaml").read_text())
+    model = config["model"]
+    module = LitWebSSL(DINOv2(**model["objective"]["init_args"]), backbone=model["backbone"],
+                       backbone_overrides=model["backbone_overrides"])
+    write_source_weights(tmp / "init.ckpt", img_size=16, source=module)
+    _launch(tmp, data, "ddp", "--trainer.strategy", "ddp")
+    return tmp, data
+
+
+@pytest.mark.distributed
+def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(ddp_run):
+    tmp, data = ddp_run
+    out = tmp / "out"
     ranks = [_final(out / "ddp", rank) for rank in (0, 1)]
     _assert_same_state(*ranks)  # gradients of the new 6 x 6 table were all-reduced: the rebuilt DDP wrapper works
     record = [json.loads((out / "ddp" / f"steps_rank{r}.json").read_text())["train"] for r in (0, 1)]
@@ -315,11 +368,40 @@ def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(tmp_path):
         assert [s["views"]["global1"][-1] for s in steps] == [16, 16, 24, 24]
     seen = [i for steps in record for s in steps for i in s["index"]]
     assert len(seen) == len(set(seen)) == 24  # the ranks' streams continue across the rebuild without overlap
-    weights = load_weights(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt")
+    weights = load_weights(tmp / "runs" / "ddp" / "checkpoints" / "last.ckpt")
     assert weights["objective.teacher.backbone.pos_embed"].shape == (1, 37, 32)
 
-    launch("ddp_resumed", "--ckpt_path", str(tmp_path / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"))
+    _launch(tmp, data, "ddp_resumed", "--trainer.strategy", "ddp",
+            "--ckpt_path", str(tmp / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"))
     _assert_same_state(ranks[0], _final(out / "ddp_resumed", 0))
+
+
+@pytest.mark.distributed
+def test_fsdp2_on_two_ranks_crosses_the_boundary_like_ddp_and_resumes_exactly(ddp_run):
+    """The shipped FSDP2 block (fp32 here) across the boundary: the position tables, kept whole on every rank out
+    of the sharding, are resampled in the run; the run matches DDP's from the same weights, and a run resumed from
+    a checkpoint taken after the boundary (a distributed checkpoint holding 6 x 6 tables, which the model is built
+    at before it loads) ends bit-identical."""
+    tmp, data = ddp_run
+    out = tmp / "out"
+    fsdp2 = ["--config", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--trainer.precision", "32-true"]
+    _launch(tmp, data, "fsdp2", *fsdp2)
+    record = [json.loads((out / "fsdp2" / f"steps_rank{r}.json").read_text())["train"] for r in (0, 1)]
+    assert record == [json.loads((out / "ddp" / f"steps_rank{r}.json").read_text())["train"] for r in (0, 1)]
+    ranks = [_final(out / "fsdp2", rank)["state_dict"] for rank in (0, 1)]
+    reference = _final(out / "ddp", 0)["state_dict"]
+    assert ranks[0]["backbone.pos_embed"].shape == ranks[0]["objective.teacher.backbone.pos_embed"].shape \
+        == (1, 37, 32)
+    for key, value in reference.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-6, msg=key)
+
+    checkpoint = tmp / "runs" / "fsdp2" / "checkpoints" / "epoch=0-step=3.ckpt"
+    assert checkpoint_kind(checkpoint) == "dcp" and stored_grid(checkpoint) == 6
+    _launch(tmp, data, "fsdp2_resumed", *fsdp2, "--ckpt_path", str(checkpoint))
+    resumed = _final(out / "fsdp2_resumed", 0)["state_dict"]
+    for key, value in ranks[0].items():
+        assert torch.equal(resumed[key], value), key
 
 
 # -- high-resolution stage configs -----------------------------------------------------------------------------------
