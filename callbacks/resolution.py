@@ -8,8 +8,8 @@ so a checkpoint or export taken in a stage carries that grid (27 x 27 at 378 px,
 as the released Web-SSL checkpoints do. Why a permanent resample and not on-the-fly interpolation, what happens to
 the Adam moments and how resume and sharded strategies work: ``docs/resolution.md``.
 
-A stage as its own launch, started from the weights of a finished run at another resolution (the way under
-DeepSpeed, and the released checkpoints' chain), needs no callback: ``--model.init_from`` loads them and resamples
+A stage as its own launch, started from the weights of a finished run at another resolution (the released
+checkpoints' chain), needs no callback: ``--model.init_from`` loads them and resamples
 the stored position embeddings to the run's grid (:class:`lit_webssl.module.LitWebSSL`,
 ``configs/webdino/vit_7b_{378,518}.yaml``).
 """
@@ -29,7 +29,14 @@ from torch import nn
 
 from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import init_adam_state, is_sharded, strategy_family
+from lit_webssl.parallel import (
+    init_adam_state,
+    is_sharded,
+    local_shard,
+    partition_of,
+    strategy_family,
+    whole_fp32,
+)
 from lit_webssl.presets import PRESETS
 
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -77,10 +84,11 @@ class ProgressiveResolution(L.Callback):
     (``batch_size x devices x nodes x accumulate_grad_batches``). Schedules of the optimizer and objective keep
     counting optimizer steps with the global batch of the first stage.
 
-    Works with single device, DDP and FSDP2 (``ModelParallelStrategy``: ``LitWebSSL`` keeps the position tables out
-    of the sharding, whole on every rank). DeepSpeed (ZeRO-3, and ZeRO-1/2's flat optimizer buffers) fixes every
-    shape when the engine is built: run each stage as its own launch started from the previous stage's weights
-    (``--model.init_from``, ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
+    Works with single device, DDP, FSDP2 (``ModelParallelStrategy``: ``LitWebSSL`` keeps the position tables out of
+    the sharding, whole on every rank) and DeepSpeed ZeRO-3 (the engine is built again around the new tables, every
+    other parameter's fp32 partition and Adam moments kept). DeepSpeed ZeRO-1/2 and FSDP1 refuse several stages: run
+    each stage as its own launch started from the previous stage's weights (``--model.init_from``,
+    ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
 
     Args:
         stages: The stages, in order of ``start``; the first starts at 0.
@@ -158,8 +166,8 @@ class ProgressiveResolution(L.Callback):
         if sharded and len(self.stages) > 1:
             raise ConfigError(
                 f"{FLAG}.stages: {sharded} lays out its buffers for the shapes the model was built with, so the "
-                "position grid cannot change in the middle of a run; use FSDP2 (configs/strategy/fsdp2.yaml), or give "
-                "one stage per launch and start each from the previous one's weights with --model.init_from "
+                "position grid cannot change in the middle of a run; use FSDP2 or ZeRO-3 (configs/strategy/), or "
+                "give one stage per launch and start each from the previous one's weights with --model.init_from "
                 "(configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
             )
         self._patch = _patch_size(pl_module)
@@ -267,11 +275,13 @@ def _patch_size(pl_module: L.LightningModule) -> int:
 
 def _fixed_shape_strategy(strategy: Any) -> str | None:
     """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``:
-    DeepSpeed at any ZeRO stage (parameters, gradients and Adam moments in flat buffers laid out when the engine is
-    built) and FSDP1 (flat parameters). FSDP2 is not one: ``LitWebSSL`` keeps the position tables out of its
-    sharding (:func:`lit_webssl.parallel.apply_fsdp2`'s ``replicate``)."""
+    DeepSpeed ZeRO-1/2 (Adam moments, and gradients, in flat buffers laid out when the engine is built) and FSDP1
+    (flat parameters). FSDP2 is not one (``LitWebSSL`` keeps the position tables out of its sharding:
+    :func:`lit_webssl.parallel.apply_fsdp2`'s ``replicate``), nor ZeRO-3 (:func:`_regrid_zero3`)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+    if isinstance(strategy, DeepSpeedStrategy) and strategy_family(strategy) == "deepspeed":
+        return None  # ZeRO-3: the engine is built again around the new tables (_regrid_zero3)
     if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
         return type(strategy).__name__
     return None
@@ -284,8 +294,9 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
     step count: the new table starts fresh, bias-corrected, moments). A DDP wrapper is rebuilt around the module (its
     reducer was laid out for the old shapes). Under FSDP2 the tables are replicated plain tensors (out of the
     sharding), so the same swap applies; the new table gets its zero Adam state at once, as every parameter there
-    has (:func:`lit_webssl.parallel.init_adam_state`), so a checkpoint saved before its first step loads. Raises a
-    :class:`ConfigError` when a table is sharded.
+    has (:func:`lit_webssl.parallel.init_adam_state`), so a checkpoint saved before its first step loads. Under
+    DeepSpeed ZeRO-3 the engine is built again (:func:`_regrid_zero3`). Raises a :class:`ConfigError` when a table
+    is sharded otherwise.
 
     Returns:
         Names of the ViTs that changed.
@@ -294,6 +305,9 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
             m.grid_size != grid}
     if not vits:
         return []
+    if trainer is not None and strategy_family(trainer.strategy) == "deepspeed":
+        _regrid_zero3(trainer, pl_module, vits, grid)
+        return list(vits)
     if any(is_sharded(m.pos_embed) for m in vits.values()):
         raise ConfigError(
             f"{FLAG}: changing the position grid in the middle of a run needs whole position tables, but this "
@@ -319,6 +333,81 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
             init_adam_state(optimizer)
     _rewrap_ddp(trainer)
     return list(vits)
+
+
+def _regrid_zero3(trainer: L.Trainer, pl_module: nn.Module, vits: dict[str, VisionTransformer], grid: int) -> None:
+    """The resample under DeepSpeed ZeRO-3, whose engine lays out flat fp32 partitions, gradients and Adam moments
+    for the shapes it was built with: build the engine again around the new tables.
+
+    Every rank, in step (collectives): gather each table whole in fp32 (the optimizer's fp32 masters; the EMA
+    teacher's from its fp32 masters under bf16) and resample it; keep each other trainable parameter's local fp32
+    partition and Adam moments and the step count; destroy the engine (its hooks go); give the ViTs the new tables;
+    build a new optimizer over the same groups (``LitWebSSL.rebuild_optimizer``) and a new engine around the module
+    (Lightning's own ``_setup_model_and_optimizer``); put the kept partitions, moments and steps back by name and the
+    new tables' exact fp32 values into their masters. The tables sit in optimizer groups of their own (each a ZeRO-3
+    sub-group with its own step count), so they start fresh moments as under DDP and FSDP2.
+    """
+    from deepspeed.utils import (
+        safe_get_local_fp32_param,
+        safe_get_local_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    strategy = trainer.strategy
+    engine, zero = strategy.model, strategy.model.optimizer
+    objective = getattr(pl_module, "objective", None)
+    ema = objective.fp32_masters() if objective is not None else None
+    masters = getattr(ema, "masters", {}) if ema is not None else {}
+    tables: dict[str, tuple[torch.Tensor, bool]] = {}
+    for name, vit in vits.items():
+        key = f"{name}.pos_embed"
+        local = masters.get(key.removeprefix("objective."))  # the teacher's fp32 master partition (bf16 runs)
+        tables[key] = (vit.table_at(whole_fp32(vit.pos_embed, local), grid, grid), vit.pos_embed.requires_grad)
+    state_keys = sorted({k for st in zero.optimizer.state.values() for k in st if k != "step"})
+    steps = [st["step"] for st in zero.optimizer.state.values() if "step" in st]
+    kept = {name: (safe_get_local_fp32_param(p).clone(),
+                   {k: safe_get_local_optimizer_state(p, k).clone() for k in state_keys})
+            for name, p in pl_module.named_parameters() if p.requires_grad and name not in tables}
+    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+                if hasattr(engine, k)}
+
+    engine.destroy()
+    strategy.model = pl_module
+    del engine, zero
+    gc.collect()
+    swaps = {}
+    for name, vit in vits.items():
+        old = vit.pos_embed
+        table, requires_grad = tables[f"{name}.pos_embed"]
+        vit.set_pos_embed(table.to(device=local_shard(old).device, dtype=old.dtype), requires_grad=requires_grad)
+        swaps[id(old)] = vit.pos_embed
+    optimizer = pl_module.rebuild_optimizer(swaps)
+    engine, zero = strategy._setup_model_and_optimizer(pl_module, optimizer)
+    strategy.model, strategy.optimizers = engine, [zero]
+    for key, value in counters.items():
+        setattr(engine, key, value)
+
+    fresh = {id(p) for p in swaps.values()}
+    for flat, members in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups, strict=True):
+        new = [id(p) in fresh for p in members]
+        if any(new) and not all(new):
+            raise RuntimeError("ZeRO-3 resolution stage: a position table shares an optimizer group with other "
+                               "parameters; LitWebSSL.configure_optimizers gives the tables groups of their own")
+        if steps and not any(new):  # a new table's sub-group starts fresh
+            step = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]  # DeepSpeedCPUAdam: an int
+            zero.optimizer.state[flat] = {"step": step, **{k: torch.zeros_like(flat) for k in state_keys}}
+    params = dict(pl_module.named_parameters())
+    for name, (fp32, moments) in kept.items():
+        safe_set_local_fp32_param(params[name], fp32)
+        for key, value in moments.items():
+            safe_set_local_optimizer_state(params[name], value, key)
+    for key, (table, requires_grad) in tables.items():
+        if requires_grad:
+            safe_set_local_fp32_param(params[key], partition_of(params[key], table))
+    if objective is not None:  # the teacher's fp32 masters of its new tables (bf16 runs)
+        objective.load_fp32_weights({k.removeprefix("objective."): t for k, (t, _) in tables.items()
+                                     if k.startswith("objective.")})
 
 
 def _optimizers(trainer: L.Trainer | None) -> list[torch.optim.Optimizer]:

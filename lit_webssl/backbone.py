@@ -193,12 +193,16 @@ class VisionTransformer(nn.Module):
         """Position embedding ``(1, 1 + grid_h * grid_w, D)`` for a patch grid, interpolated if not native."""
         if (grid_h, grid_w) == (self.grid_size, self.grid_size):
             return self.pos_embed
+        return self.table_at(self.pos_embed, grid_h, grid_w)
+
+    def table_at(self, table: Tensor, grid_h: int, grid_w: int) -> Tensor:
+        """``table`` (this ViT's whole position table, or a copy of it) at another grid: a learned table through
+        timm's bicubic ``resample_abs_pos_embed`` (no antialias), a sin-cos one recomputed; the CLS row kept."""
         if self.pos_embed_kind == "sincos":
-            patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w, self.pos_embed.device, self.pos_embed.dtype)
-            return torch.cat([self.pos_embed[:, :1], patch[None]], dim=1)
-        return resample_abs_pos_embed(
-            self.pos_embed, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens, antialias=False
-        )
+            patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w, table.device, table.dtype)
+            return torch.cat([table[:, :1], patch[None]], dim=1)
+        return resample_abs_pos_embed(table, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens,
+                                      antialias=False)
 
     def resample_pos_embed(self, grid: int) -> None:
         """Permanently change the native grid to ``grid x grid``: ``pos_embed`` becomes a new ``Parameter``.
@@ -224,7 +228,13 @@ class VisionTransformer(nn.Module):
             )
         with torch.no_grad():
             table = self.pos_embed_for(grid, grid).detach().clone()
-        self.pos_embed = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.set_pos_embed(table, requires_grad=old.requires_grad)
+
+    def set_pos_embed(self, table: Tensor, requires_grad: bool = True) -> None:
+        """Make the whole ``(1, prefix + grid**2, D)`` ``table`` the native position table (a new ``Parameter``),
+        and the patch embedding's nominal size its grid's."""
+        grid = grid_of(table, self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(table, requires_grad=requires_grad)
         size = grid * self.patch_size
         self.patch_embed.img_size = (size, size)
         self.patch_embed.grid_size = (grid, grid)

@@ -65,7 +65,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def stored_grid(path: str | Path, key: str = "backbone.pos_embed", num_prefix_tokens: int = 1) -> int | None:
     """Side of the position-embedding grid that the checkpoint at ``path`` stores under ``key`` (a run saved in a
     later resolution stage stores a larger one), read without loading the weights: a distributed checkpoint's
-    metadata or a memory-mapped file. ``None`` when the entry is absent or the checkpoint is a DeepSpeed folder."""
+    metadata, a memory-mapped file, or the shapes a DeepSpeed folder records. ``None`` when the entry is absent."""
     from lit_webssl.backbone import grid_of
 
     kind = checkpoint_kind(path)
@@ -78,8 +78,15 @@ def stored_grid(path: str | Path, key: str = "backbone.pos_embed", num_prefix_to
         loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
         shape = tuple(state[key].shape) if isinstance(state.get(key), Tensor) else None
-    else:
+    else:  # DeepSpeed: the shapes its model-states file records (ZeRO-3 stores no weights there)
         shape = None
+        for states in sorted(Path(path).glob("*/*mp_rank_*_model_states.pt"))[:1]:  # ZeRO-3: zero_pp_rank_0_...
+            loaded = torch.load(states, map_location="cpu", mmap=True, weights_only=False)
+            groups = loaded.get("param_shapes") or []
+            groups = [*(groups if isinstance(groups, list) else [groups]), loaded.get("frozen_param_shapes") or {}]
+            for shapes in groups:
+                if key in shapes:
+                    shape = tuple(shapes[key])
     if shape is None:
         return None
     return grid_of(torch.empty(shape, device="meta"), num_prefix_tokens, f"{path}: {key}")

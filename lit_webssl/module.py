@@ -25,11 +25,11 @@ from lit_webssl.parallel import (
     clip_grad_norm_,
     fsdp2_mesh,
     init_adam_state,
+    isolate_params,
     load_full_state_dict,
     local_shard,
     outside_zero_init,
     partition_of,
-    split_replicated_groups,
     strategy_family,
 )
 from lit_webssl.presets import PRESETS, build_backbone
@@ -88,6 +88,7 @@ class LitWebSSL(L.LightningModule):
         self.schedule: StepSchedule | None = None
         self.lr_scale = 1.0  # multiplies the scheduled lr (a resolution stage's lr_scale)
         self._init_state: dict[str, torch.Tensor] | None = None  # init_from's weights, kept to on_fit_start
+        self._optimizer_groups: list[dict[str, Any]] | None = None  # configure_optimizers' groups (rebuild_optimizer)
         self.resume_from: str | None = None
         """The checkpoint ``fit`` will resume (``--ckpt_path``; the CLI sets it). Under FSDP2 the model is then built
         at the position grid stored there, since the distributed checkpoint loads into tensors of its own shapes
@@ -114,6 +115,8 @@ class LitWebSSL(L.LightningModule):
             return
         self.objective.backbone_factory = partial(build_backbone, self.backbone_name, self.backbone_overrides)
         strategy = getattr(self._trainer, "strategy", None)
+        if strategy_family(strategy) == "deepspeed":
+            self._build_at_resumed_grid()
         if strategy_family(strategy) != "fsdp2":
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
@@ -137,8 +140,8 @@ class LitWebSSL(L.LightningModule):
         broadcast_replicated(self)
 
     def _build_at_resumed_grid(self) -> None:
-        """Resuming under FSDP2: build the backbone at the native size of the position grid the checkpoint stores
-        (it may be a later resolution stage's), so its tensors load into the same shapes."""
+        """Resuming under a sharded strategy: build the backbone at the native size of the position grid the
+        checkpoint stores (it may be a later resolution stage's), so its tensors load into the same shapes."""
         path = self.resume_from or getattr(self._trainer, "ckpt_path", None)
         if not path:
             return
@@ -147,8 +150,9 @@ class LitWebSSL(L.LightningModule):
         if str(path) in ("last", "hpc", "best", "registry"):  # resolved exactly as fit will resolve it
             path = self.trainer._checkpoint_connector._parse_ckpt_path(
                 TrainerFn.FITTING, str(path), model_provided=True, model_connected=True)
-        probe = self.build_backbone(device="meta")  # shapes only
-        grid = stored_grid(path, num_prefix_tokens=probe.num_prefix_tokens) if path else None
+        with outside_zero_init():  # nothing partitioned, files read as stored
+            probe = self.build_backbone(device="meta")  # shapes only
+            grid = stored_grid(path, num_prefix_tokens=probe.num_prefix_tokens) if path else None
         if grid is not None and grid != probe.grid_size:
             self.backbone_overrides["img_size"] = grid * probe.patch_size
 
@@ -181,8 +185,26 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
-        if strategy_family(getattr(self._trainer, "strategy", None)) == "fsdp2":
-            groups = split_replicated_groups(groups)  # the replicated position tables apart from DTensors
+        if strategy_family(getattr(self._trainer, "strategy", None)) != "replicated":
+            groups = isolate_params(groups, self.position_tables())  # groups of their own: resolution stages
+        self._optimizer_groups = [{**g, "params": list(g["params"])} for g in groups]  # the optimizer owns `groups`
+        return self._make_optimizer(groups)
+
+    def position_tables(self) -> list[nn.Parameter]:
+        """Every ViT's ``pos_embed`` (student, EMA teacher): the tensors resolution stages replace."""
+        return list({id(m.pos_embed): m.pos_embed for m in self.modules() if isinstance(m, VisionTransformer)}.values())
+
+    def rebuild_optimizer(self, swaps: dict[int, nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh optimizer (no state) over :meth:`configure_optimizers`' groups, with the parameters whose ``id``
+        is in ``swaps`` replaced: for a strategy that must build its engine again around a resized table (DeepSpeed
+        ZeRO-3, ``callbacks/resolution.py``); the schedule and the groups' settings are kept."""
+        if self._optimizer_groups is None:
+            raise RuntimeError("rebuild_optimizer() needs configure_optimizers() first")
+        self._optimizer_groups = [{**g, "params": [swaps.get(id(p), p) for p in g["params"]]}
+                                  for g in self._optimizer_groups]
+        return self._make_optimizer([{**g, "params": list(g["params"])} for g in self._optimizer_groups])
+
+    def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         if _offloads_optimizer(getattr(self._trainer, "strategy", None)):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
 

@@ -497,19 +497,34 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-def split_replicated_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups where no group mixes FSDP2 ``DTensor`` parameters with plain replicated ones
-    (torch's foreach and fused optimizers refuse the mix): a mixed group is split in two with the same settings."""
+def isolate_params(groups: list[dict[str, Any]], params: Iterable[Tensor]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups where ``params`` (the position tables) sit in groups of their own, with the settings
+    of the group each came from. FSDP2: torch's foreach and fused AdamW refuse a group mixing ``DTensor`` shards with
+    the plain replicated tables. ZeRO-3: a group is its own flat partition with its own Adam step count, so a table
+    replaced in the middle of a run can start fresh moments while every other parameter keeps its own."""
+    isolated = {id(p) for p in params}
     out = []
     for group in groups:
-        params = list(group["params"])
-        sharded = [p for p in params if is_dtensor(p)]
-        plain = [p for p in params if not is_dtensor(p)]
-        if sharded and plain:
-            out += [{**group, "params": sharded}, {**group, "params": plain}]
+        members = list(group["params"])
+        kept = [p for p in members if id(p) not in isolated]
+        moved = [p for p in members if id(p) in isolated]
+        if kept and moved:
+            out += [{**group, "params": kept}, {**group, "params": moved}]
         else:
             out.append(group)
     return out
+
+
+def whole_fp32(param: Tensor, local: Tensor | None = None) -> Tensor:
+    """The whole value of ZeRO-3 parameter ``param`` in fp32, gathered from every rank's ``local`` part (default:
+    :func:`fp32_source`, DeepSpeed's fp32 master for a trainable one). A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    local = (fp32_source(param) if local is None else local).detach().reshape(-1).float()
+    group = param.ds_process_group
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)[:param.ds_numel].view(full_shape(param)).cpu()
 
 
 @torch.no_grad()

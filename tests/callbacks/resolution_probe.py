@@ -72,6 +72,50 @@ class StepRecorder(L.Callback):
         torch.save({"state_dict": state, "moments": moments}, self.out / f"state_rank{rank}.pt")
 
 
+class Zero3BoundaryProbe(L.Callback):
+    """Under ZeRO-3: each rank's optimizer partitions (fp32 master, Adam moments) of every trainable parameter and
+    the whole fp32 position tables (from the fp32 masters: the optimizer's, and the EMA teacher's under bf16), at
+    the end of optimizer step ``step`` (listed before ``ProgressiveResolution``, so before a boundary there rebuilds
+    the engine) and at the start of the next (after it); written to ``<out>/boundary_rank<r>.pt`` as
+    ``{"before": ..., "after": ...}``."""
+
+    def __init__(self, out: str, step: int) -> None:
+        self.out, self.step = Path(out), step
+        self.before: dict[str, Any] | None = None
+
+    @staticmethod
+    def _capture(pl_module: L.LightningModule) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        from lit_webssl.parallel import whole_fp32
+
+        def moment(param: torch.Tensor, key: str) -> torch.Tensor | None:
+            try:
+                return safe_get_local_optimizer_state(param, key).clone()
+            except KeyError:  # no state yet: a fresh sub-group
+                return None
+
+        partitions = {name: {"fp32": safe_get_local_fp32_param(p).clone(), "exp_avg": moment(p, "exp_avg"),
+                             "exp_avg_sq": moment(p, "exp_avg_sq")}
+                      for name, p in pl_module.named_parameters() if p.requires_grad}
+        masters = getattr(pl_module.objective.fp32_masters(), "masters", {})  # the teacher's, under bf16
+        tables = {name: whole_fp32(p, masters.get(name.removeprefix("objective.")))
+                  for name, p in pl_module.named_parameters() if name.endswith("pos_embed")}
+        return {"partitions": partitions, "tables": tables}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            self.before = self._capture(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step and self.before is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"before": self.before, "after": self._capture(pl_module)},
+                       self.out / f"boundary_rank{trainer.global_rank}.pt")
+
+
 def tiny_dino_module(init_from: str | None = None, **objective_args: Any) -> LitWebSSL:
     """``vit_debug`` (32 px, patch 4: an 8 x 8 grid, width 32) with a tiny DINOv2 (16 prototypes); not yet built."""
     objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
@@ -141,8 +185,8 @@ def mixed_clip_worker(rank: int, port: int, root: str) -> None:
         average_replicated_grads,
         broadcast_replicated,
         clip_grad_norm_,
+        isolate_params,
         replicated_params,
-        split_replicated_groups,
     )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -175,7 +219,7 @@ def mixed_clip_worker(rank: int, port: int, root: str) -> None:
         total = clip_grad_norm_(model.parameters(), 0.5)
         whole_grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                        for n, p in model.named_parameters()}
-        groups = split_replicated_groups([{"params": list(model.parameters()), "weight_decay": 0.1}])
+        groups = isolate_params([{"params": list(model.parameters()), "weight_decay": 0.1}], replicated_params(model))
         optimizer = torch.optim.AdamW(groups, lr=0.1)
         optimizer.step()
         params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
