@@ -306,14 +306,18 @@ class LitWebSSL(L.LightningModule):
         average_replicated_grads(self)  # FSDP2's unsharded position tables; nothing elsewhere
         self.objective.on_before_optimizer_step(self.backbone, self.global_step)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """Lightning's clipping, by norm also over FSDP2 gradients that mix shards and replicated tensors."""
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and strategy_family(
-                getattr(self._trainer, "strategy", None)) == "fsdp2":
-            clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+    def clip_gradients(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping (``--trainer.gradient_clip_val``); by norm under FSDP2 through
+        :func:`lit_webssl.parallel.clip_grad_norm_`, since the gradients there mix ``DTensor`` shards with the
+        replicated position tables, which torch's own function refuses."""
+        trainer = self._trainer
+        value = gradient_clip_val if gradient_clip_val is not None else getattr(trainer, "gradient_clip_val", None)
+        algorithm = gradient_clip_algorithm or getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        if value and algorithm.lower() == "norm" and strategy_family(getattr(trainer, "strategy", None)) == "fsdp2":
+            clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(value))
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
