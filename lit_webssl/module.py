@@ -114,15 +114,13 @@ class LitWebSSL(L.LightningModule):
         if self.backbone is not None:
             return
         self.objective.backbone_factory = partial(build_backbone, self.backbone_name, self.backbone_overrides)
-        strategy = getattr(self._trainer, "strategy", None)
-        if strategy_family(strategy) == "deepspeed":
+        if self._family != "replicated":
             self._build_at_resumed_grid()
-        if strategy_family(strategy) != "fsdp2":
+        if self._family != "fsdp2":
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
             self._load_init_weights()
             return
-        self._build_at_resumed_grid()
         with torch.device("meta"):
             self.backbone = self.build_backbone()
             self.objective.configure(self.backbone)
@@ -133,7 +131,7 @@ class LitWebSSL(L.LightningModule):
         # their shape in the middle of the run (callbacks/resolution.py); they are 0.1% of a ViT-7B at 518 px.
         apply_fsdp2(blocks, [*backbones, self.objective], fsdp2_mesh(self.device_mesh), param_dtype=compute,
                     replicate=[bb.pos_embed for bb in backbones])
-        self.to_empty(device=strategy.root_device)
+        self.to_empty(device=self.trainer.strategy.root_device)
         self.backbone.init_weights(materialize=True)
         self.objective.init_weights(self.backbone)
         self._load_init_weights()
@@ -164,13 +162,18 @@ class LitWebSSL(L.LightningModule):
             state = read_state_dict(self.init_from)
             resampled = fit_pos_embed_grids(self, state)
             missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
-        if strategy_family(getattr(self._trainer, "strategy", None)) == "deepspeed":
+        if self._family == "deepspeed":
             self._init_state = state  # for on_fit_start, once the optimizer's fp32 masters exist (memory-mapped)
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:
             log.warning("init_from %s: %d tensors not in the file keep their init: %s", self.init_from,
                         len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+
+    @property
+    def _family(self) -> str:
+        """The strategy family in use (:func:`lit_webssl.parallel.strategy_family`; ``replicated`` unattached)."""
+        return strategy_family(getattr(self._trainer, "strategy", None))
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all ranks (per-device batch x world size x accumulation)."""
@@ -185,7 +188,7 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
-        if strategy_family(getattr(self._trainer, "strategy", None)) != "replicated":
+        if self._family != "replicated":
             groups = isolate_params(groups, self.position_tables())  # groups of their own: resolution stages
         self._optimizer_groups = [{**g, "params": list(g["params"])} for g in groups]  # the optimizer owns `groups`
         return self._make_optimizer(groups)
@@ -214,7 +217,7 @@ class LitWebSSL(L.LightningModule):
         optimizer = torch.optim.AdamW(
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
         )
-        if strategy_family(getattr(self._trainer, "strategy", None)) == "fsdp2":
+        if self._family == "fsdp2":
             init_adam_state(optimizer)
         return optimizer
 
@@ -303,7 +306,8 @@ class LitWebSSL(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        average_replicated_grads(self)  # FSDP2's unsharded position tables; nothing elsewhere
+        if self._family == "fsdp2":
+            average_replicated_grads(self)  # the position tables, which FSDP2 leaves unreduced
         self.objective.on_before_optimizer_step(self.backbone, self.global_step)
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -314,7 +318,7 @@ class LitWebSSL(L.LightningModule):
         trainer = self._trainer
         value = gradient_clip_val if gradient_clip_val is not None else getattr(trainer, "gradient_clip_val", None)
         algorithm = gradient_clip_algorithm or getattr(trainer, "gradient_clip_algorithm", None) or "norm"
-        if value and algorithm.lower() == "norm" and strategy_family(getattr(trainer, "strategy", None)) == "fsdp2":
+        if value and algorithm.lower() == "norm" and self._family == "fsdp2":
             clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(value))
             return
         super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
