@@ -18,13 +18,28 @@ import tempfile
 from pathlib import Path
 
 from bench_data_read import make_image_folder
+
 from lit_webssl.datamodules import convert as cv
 
 
 def _convert(folder: Path, out: Path, workers: int, chunk_size: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    summary = cv.main(["--from", "folder", "--in", str(folder), "--out", str(out), "--class-folders", "--workers",
-                       str(workers), "--chunk-size", str(chunk_size), "--no-progress"])
+    summary = cv.main(
+        [
+            "--from",
+            "folder",
+            "--in",
+            str(folder),
+            "--out",
+            str(out),
+            "--class-folders",
+            "--workers",
+            str(workers),
+            "--chunk-size",
+            str(chunk_size),
+            "--no-progress",
+        ]
+    )
     return summary.samples / summary.seconds
 
 
@@ -48,15 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         for workers in args.workers:
             rates[workers].append(_convert(folder, out, workers, args.chunk_size))
-    print(f"\n{args.images} images of {args.size} px, folder -> local MDS, chunks of {args.chunk_size}, median of "
-          f"{args.repeats} rounds")
+    print(
+        f"\n{args.images} images of {args.size} px, folder -> local MDS, chunks of {args.chunk_size}, median of "
+        f"{args.repeats} rounds"
+    )
     print(f"{'workers':<40} {'images/s':>9} {'(min-max)':>12} {'vs 1 worker':>12}")
     reference = statistics.median(rates[args.workers[0]])
     for workers, values in rates.items():
         middle = statistics.median(values)
         name = f"{workers} worker{'s' if workers > 1 else ''}"
-        print(f"{name:<40} {middle:>9.0f} {f'({min(values):.0f}-{max(values):.0f})':>12} "
-              f"{middle / reference:>11.2f}x")
+        print(f"{name:<40} {middle:>9.0f} {f'({min(values):.0f}-{max(values):.0f})':>12} {middle / reference:>11.2f}x")
     if first is not None:
         print(f"{first[0] + ' (forkserver start)':<40} {first[1]:>9.0f} {'':>12} {first[1] / reference:>11.2f}x")
     if args.dir is None:

@@ -34,18 +34,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from streaming.base.util import clean_stale_shared_memory
+from torch.utils.data import DataLoader
+
 from lit_webssl.datamodules import convert as cv
 from lit_webssl.datamodules.demo import render
 from lit_webssl.datamodules.streaming import MultiViewStreamingDataset
 from lit_webssl.datamodules.transforms import MultiViewTransform, decode_image
 from lit_webssl.objectives.base import ViewSpec
-from PIL import Image
-from streaming.base.util import clean_stale_shared_memory
-from torch.utils.data import DataLoader
 
 VIEWS = [ViewSpec("global", size=64, count=1, scale=(0.3, 1.0))]
-SOURCES = ("local MDS (StreamingDataset)", "S3 on loopback, cold cache", "S3, warm cache (second read)",
-           "torchvision ImageFolder")
+SOURCES = (
+    "local MDS (StreamingDataset)",
+    "S3 on loopback, cold cache",
+    "S3, warm cache (second read)",
+    "torchvision ImageFolder",
+)
 
 
 def make_image_folder(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
@@ -100,8 +105,9 @@ def _timed(loader: DataLoader, expected: int) -> float:
 
 def _streaming(local: str, remote: str | None, batch: int, workers: int) -> DataLoader:
     clean_stale_shared_memory()
-    dataset = MultiViewStreamingDataset(views=VIEWS, local=local, remote=remote, split="train", shuffle=True,
-                                        batch_size=batch, shuffle_seed=0)
+    dataset = MultiViewStreamingDataset(
+        views=VIEWS, local=local, remote=remote, split="train", shuffle=True, batch_size=batch, shuffle_seed=0
+    )
     return DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=False)
 
 
@@ -111,8 +117,13 @@ def _loader(name: str, args: argparse.Namespace, mds: Path, cache: Path, folder:
         return _streaming(str(mds), None, args.batch, args.workers)
     if name in SOURCES[1:3]:
         return _streaming(str(cache), "s3://bench/mds", args.batch, args.workers)
-    return DataLoader(_FolderViews(folder), batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                      generator=torch.Generator().manual_seed(repeat))
+    return DataLoader(
+        _FolderViews(folder),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        generator=torch.Generator().manual_seed(repeat),
+    )
 
 
 def _free_port() -> int:
@@ -124,8 +135,11 @@ def _free_port() -> int:
 def start_s3_server() -> tuple[subprocess.Popen, str]:
     """``python -m moto.server`` on 127.0.0.1 (a free port), with this process's environment pointed at it."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -133,9 +147,16 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
             break
         except OSError:
             time.sleep(0.1)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-                       "AWS_DEFAULT_REGION": "us-east-1", "S3_ENDPOINT_URL": endpoint,
-                       "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "S3_ENDPOINT_URL": endpoint,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
     return server, endpoint
 
 
@@ -146,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
     parser.add_argument("--shard-size", default="16MiB", help="MDS shard size (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over the sources; the median is shown "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over the sources; the median is shown (default: %(default)s)"
+    )
     parser.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -158,8 +180,22 @@ def main(argv: list[str] | None = None) -> None:
     folder = make_image_folder(work / "images", args.images, args.size)
     mds = work / "mds"
     shutil.rmtree(mds, ignore_errors=True)
-    cv.main(["--from", "folder", "--in", str(folder), "--out", str(mds / "train"), "--class-folders", "--workers",
-             "1", "--no-progress", "--shard-size", args.shard_size])
+    cv.main(
+        [
+            "--from",
+            "folder",
+            "--in",
+            str(folder),
+            "--out",
+            str(mds / "train"),
+            "--class-folders",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--shard-size",
+            args.shard_size,
+        ]
+    )
     server, endpoint = start_s3_server()
     try:
         import boto3
@@ -178,15 +214,16 @@ def main(argv: list[str] | None = None) -> None:
         server.terminate()
         server.wait(timeout=30)
     size_mb = sum(p.stat().st_size for p in (mds / "train").rglob("*.mds")) / 2**20
-    print(f"{n} images of {args.size} px ({size_mb:.1f} MiB of MDS shards), decode + one {VIEWS[0].size} px view, "
-          f"batch {args.batch}, {args.workers} loader workers, torch threads 1, median of {args.repeats} rounds "
-          "(each round: every source once, a fresh S3 cache)")
+    print(
+        f"{n} images of {args.size} px ({size_mb:.1f} MiB of MDS shards), decode + one {VIEWS[0].size} px view, "
+        f"batch {args.batch}, {args.workers} loader workers, torch threads 1, median of {args.repeats} rounds "
+        "(each round: every source once, a fresh S3 cache)"
+    )
     print(f"{'source':<32} {'images/s':>9} {'(min-max)':>12} {'vs local MDS':>13}")
     reference = statistics.median(rates[SOURCES[0]])
     for name, values in rates.items():
         middle = statistics.median(values)
-        print(f"{name:<32} {middle:>9.0f} {f'({min(values):.0f}-{max(values):.0f})':>12} "
-              f"{middle / reference:>12.2f}x")
+        print(f"{name:<32} {middle:>9.0f} {f'({min(values):.0f}-{max(values):.0f})':>12} {middle / reference:>12.2f}x")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from lit_webssl.objectives import MAE
 
+from lit_webssl.objectives import MAE
 from lit_webssl.presets import build_backbone
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mae_tiny.yaml"
@@ -47,9 +47,11 @@ def main() -> None:
         if step >= 2:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(f"demo MAE step, batch {args.batch_size}, {torch.get_num_threads()} threads: "
-          f"median {1000 * median:.0f} ms/step (min {1000 * min(times):.0f}, max {1000 * max(times):.0f}), "
-          f"{args.batch_size / median:.0f} images/s")
+    print(
+        f"demo MAE step, batch {args.batch_size}, {torch.get_num_threads()} threads: "
+        f"median {1000 * median:.0f} ms/step (min {1000 * min(times):.0f}, max {1000 * max(times):.0f}), "
+        f"{args.batch_size / median:.0f} images/s"
+    )
 
 
 if __name__ == "__main__":

@@ -43,15 +43,16 @@ import PIL
 import torch
 import torchvision
 from bench_mae_pipeline import source_tree  # run as a script: benchmarks/ is on sys.path
-from lit_webssl.datamodules import MultiViewStreamingDataset, MultiViewTransform, decode_image
-from lit_webssl.datamodules.loader import ResumableStreamingLoader
-from lit_webssl.objectives import DINOv2
-from lit_webssl.objectives.base import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
+
+from lit_webssl.datamodules import MultiViewStreamingDataset, MultiViewTransform, decode_image
+from lit_webssl.datamodules.loader import ResumableStreamingLoader
+from lit_webssl.objectives import DINOv2
+from lit_webssl.objectives.base import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 
 PIPELINES = {
     "ours": "lit_webssl: MDS + decode_image + v2 + float colour",
@@ -75,19 +76,29 @@ class DINOv2Augmentation:
         bicubic = transforms.InterpolationMode.BICUBIC
 
         def geometric(spec: ViewSpec) -> list[Callable]:
-            return [transforms.RandomResizedCrop(spec.size, scale=spec.scale, interpolation=bicubic),
-                    transforms.RandomHorizontalFlip(p=spec.hflip_p)]
+            return [
+                transforms.RandomResizedCrop(spec.size, scale=spec.scale, interpolation=bicubic),
+                transforms.RandomHorizontalFlip(p=spec.hflip_p),
+            ]
 
         def blur(p: float) -> Callable:  # dinov2's GaussianBlur(p) builds RandomApply(p=1 - p)
-            return transforms.RandomApply([transforms.GaussianBlur(9, sigma=g1.blur_sigma)],
-                                          p=1.0 - p if blur_as_coded else p)
+            return transforms.RandomApply(
+                [transforms.GaussianBlur(9, sigma=g1.blur_sigma)], p=1.0 - p if blur_as_coded else p
+            )
 
-        colour = [transforms.RandomApply([transforms.ColorJitter(*g1.color_jitter)], p=g1.color_jitter_p),
-                  transforms.RandomGrayscale(p=g1.grayscale_p)]
+        colour = [
+            transforms.RandomApply([transforms.ColorJitter(*g1.color_jitter)], p=g1.color_jitter_p),
+            transforms.RandomGrayscale(p=g1.grayscale_p),
+        ]
         normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self.global1 = geometric(g1) + colour + [blur(g1.blur_p)] + normalize
-        self.global2 = (geometric(g2) + colour + [blur(g2.blur_p)]
-                        + [transforms.RandomSolarize(threshold=128, p=g2.solarize_p)] + normalize)
+        self.global2 = (
+            geometric(g2)
+            + colour
+            + [blur(g2.blur_p)]
+            + [transforms.RandomSolarize(threshold=128, p=g2.solarize_p)]
+            + normalize
+        )
         self.local = geometric(local) + colour + [blur(local.blur_p)] + normalize
 
     @staticmethod
@@ -97,8 +108,10 @@ class DINOv2Augmentation:
         return image
 
     def __call__(self, image: Image.Image) -> dict[str, list[Tensor]]:
-        return {"global_crops": [self._apply(self.global1, image), self._apply(self.global2, image)],
-                "local_crops": [self._apply(self.local, image) for _ in range(self.n_local)]}
+        return {
+            "global_crops": [self._apply(self.global1, image), self._apply(self.global2, image)],
+            "local_crops": [self._apply(self.local, image) for _ in range(self.n_local)],
+        }
 
     def op_lists(self) -> list[list[Callable]]:
         return [self.global1, self.global2, self.local]
@@ -112,8 +125,9 @@ def loader(kind: str, root: Path, batch_size: int, workers: int, blur_as_coded: 
         folder = datasets.ImageFolder(str(root / "folder"), transform=DINOv2Augmentation(specs, blur_as_coded))
         return DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers)
     views = {"views": specs} if kind == "ours" else {"transform": MultiViewTransform(specs, photometric="uint8")}
-    dataset = MultiViewStreamingDataset(**views, local=str(root / "mds"), split="train", shuffle=True,
-                                        batch_size=batch_size)
+    dataset = MultiViewStreamingDataset(
+        **views, local=str(root / "mds"), split="train", shuffle=True, batch_size=batch_size
+    )
     return ResumableStreamingLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
@@ -144,17 +158,31 @@ def measure(batches: Iterable, warm: int) -> tuple[float, float]:
 
 
 # -- single-thread breakdown -------------------------------------------------------------------------------------
-STAGES = ("decode", "crop + resize", "flip", "colour jitter", "grayscale", "blur", "solarize",
-          "dtype / normalize", "other")
+STAGES = (
+    "decode",
+    "crop + resize",
+    "flip",
+    "colour jitter",
+    "grayscale",
+    "blur",
+    "solarize",
+    "dtype / normalize",
+    "other",
+)
 
 
 def stage(op: Callable) -> str:
     """Breakdown bucket of one op (RandomApply counts with what it wraps, its coin flip included)."""
     inner = op.transforms[0] if isinstance(op, (v2.RandomApply, transforms.RandomApply)) else op
     names = {cls.__name__ for cls in type(inner).__mro__} | {getattr(inner, "__name__", "")}
-    for key, bucket in (("RandomResizedCrop", "crop + resize"), ("RandomHorizontalFlip", "flip"),
-                        ("ColorJitter", "colour jitter"), ("RandomGrayscale", "grayscale"),
-                        ("GaussianBlur", "blur"), ("RandomSolarize", "solarize")):
+    for key, bucket in (
+        ("RandomResizedCrop", "crop + resize"),
+        ("RandomHorizontalFlip", "flip"),
+        ("ColorJitter", "colour jitter"),
+        ("RandomGrayscale", "grayscale"),
+        ("GaussianBlur", "blur"),
+        ("RandomSolarize", "solarize"),
+    ):
         if key in names:
             return bucket
     return "dtype / normalize"  # ToTensor, Normalize, to_float, to_uint8
@@ -209,8 +237,11 @@ def breakdown(files: list[bytes], blur_as_coded: bool, rounds: int = 2) -> dict[
         sinks["reference"]["decode"] += time.perf_counter() - start
         reference(image)
 
-    runs = {"ours": lambda d: run_ours(ours, sinks["ours"], d), "uint8": lambda d: run_ours(uint8,
-            sinks["uint8"], d), "reference": run_reference}
+    runs = {
+        "ours": lambda d: run_ours(ours, sinks["ours"], d),
+        "uint8": lambda d: run_ours(uint8, sinks["uint8"], d),
+        "reference": run_reference,
+    }
     with single_thread():
         for _ in range(rounds):
             for data in files:
@@ -251,10 +282,17 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="epochs of each pipeline (default: %(default)s)")
-    parser.add_argument("--profile-images", type=int, default=60,
-                        help="images of the single-thread breakdown, 0 to skip it (default: %(default)s)")
-    parser.add_argument("--dinov2-blur-as-coded", action="store_true",
-                        help="reference blurs with p 0 / 0.9 / 0.5, as dinov2's code does (default: documented p)")
+    parser.add_argument(
+        "--profile-images",
+        type=int,
+        default=60,
+        help="images of the single-thread breakdown, 0 to skip it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dinov2-blur-as-coded",
+        action="store_true",
+        help="reference blurs with p 0 / 0.9 / 0.5, as dinov2's code does (default: documented p)",
+    )
     args = parser.parse_args()
     with source_tree("bench_dino_", args.n_images, args.image_size) as root:
         files = [p.read_bytes() for p in sorted((root / "folder").rglob("*.jpg"))]
@@ -262,22 +300,32 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in PIPELINES}
         order = list(PIPELINES)
         for i in range(args.repeats):
-            for kind in order[i % len(order):] + order[:i % len(order)]:
+            for kind in order[i % len(order) :] + order[: i % len(order)]:
                 batches = loader(kind, root, args.batch_size, args.num_workers, args.dinov2_blur_as_coded)
                 results[kind].append(measure(batches, args.num_workers))
-        table = breakdown(files[:args.profile_images], args.dinov2_blur_as_coded) if args.profile_images else None
+        table = breakdown(files[: args.profile_images], args.dinov2_blur_as_coded) if args.profile_images else None
     report(args, results, table, worst)
 
 
-def report(args: argparse.Namespace, results: dict[str, list[tuple[float, float]]],
-           table: dict[str, dict[str, float]] | None, worst: int) -> None:
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+def report(
+    args: argparse.Namespace,
+    results: dict[str, list[tuple[float, float]]],
+    table: dict[str, dict[str, float]] | None,
+    worst: int,
+) -> None:
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}"
+    )
     blur = "0 / 0.9 / 0.5 (dinov2 as coded)" if args.dinov2_blur_as_coded else "1.0 / 0.1 / 0.5"
-    print(f"DINO views: 2 x 224 + 8 x 98 crops per image, reference blur p {blur}; workers {args.num_workers}, "
-          f"batch {args.batch_size}, {args.repeats} repeats (median)\n")
-    print(f"{'pipeline':<46}{'epoch img/s':>13}{'steady img/s':>14}{'vs reference':>14}   (steady: after the "
-          f"first {max(args.num_workers, 1)} batches)")
+    print(
+        f"DINO views: 2 x 224 + 8 x 98 crops per image, reference blur p {blur}; workers {args.num_workers}, "
+        f"batch {args.batch_size}, {args.repeats} repeats (median)\n"
+    )
+    print(
+        f"{'pipeline':<46}{'epoch img/s':>13}{'steady img/s':>14}{'vs reference':>14}   (steady: after the "
+        f"first {max(args.num_workers, 1)} batches)"
+    )
     medians = {kind: [statistics.median(r[i] for r in runs) for i in (0, 1)] for kind, runs in results.items()}
     for kind, name in PIPELINES.items():
         ratio = medians[kind][0] / medians["reference"][0]
@@ -292,8 +340,10 @@ def report(args: argparse.Namespace, results: dict[str, list[tuple[float, float]
     print(f"{'stage':<20}" + "".join(f"{kind:>12}" for kind in PIPELINES))
     for key in (*STAGES, "total"):
         print(f"{key:<20}" + "".join(f"{table[kind][key]:>12.2f}" for kind in PIPELINES))
-    print(f"{'ratio to reference':<20}" + "".join(f"{table['reference']['total'] / table[k]['total']:>11.2f}x"
-                                                  for k in PIPELINES))
+    print(
+        f"{'ratio to reference':<20}"
+        + "".join(f"{table['reference']['total'] / table[k]['total']:>11.2f}x" for k in PIPELINES)
+    )
 
 
 if __name__ == "__main__":

@@ -31,19 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch import Tensor, nn
+
 from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.base import is_no_decay
 from lit_webssl.objectives.masking import sample_ibot_masks
-from torch import Tensor, nn
-
 from lit_webssl.optim import cosine_schedule
 from lit_webssl.presets import build_backbone
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "dino_tiny.yaml"
-INSTALL_HINT = ("the lightly reference needs the `lightly` package (not a project dependency): "
-                "`. .venv/bin/activate && pip install lightly`")
-VARIANTS = {"ours_sk": "ours, Sinkhorn-Knopp (config)", "ours_centering": "ours, centering",
-            "lightly": "lightly losses + heads (centering)"}
+INSTALL_HINT = (
+    "the lightly reference needs the `lightly` package (not a project dependency): "
+    "`. .venv/bin/activate && pip install lightly`"
+)
+VARIANTS = {
+    "ours_sk": "ours, Sinkhorn-Knopp (config)",
+    "ours_centering": "ours, centering",
+    "lightly": "lightly losses + heads (centering)",
+}
 
 
 def load_model_config() -> dict[str, Any]:
@@ -61,22 +66,32 @@ def make_batches(init_args: dict[str, Any], patch_size: int, batch_size: int, n:
     for i in range(n):
         gen = torch.Generator().manual_seed(i)
         masks = sample_ibot_masks(2 * batch_size, (grid, grid), 0.5, (0.1, 0.5), rng=np.random.default_rng(i))
-        batches.append({"views": {"global1": torch.randn(batch_size, 1, 3, g, g, generator=gen),
-                                  "global2": torch.randn(batch_size, 1, 3, g, g, generator=gen),
-                                  "local": torch.randn(batch_size, n_local, 3, l, l, generator=gen)},
-                        "ibot_masks": masks})
+        batches.append(
+            {
+                "views": {
+                    "global1": torch.randn(batch_size, 1, 3, g, g, generator=gen),
+                    "global2": torch.randn(batch_size, 1, 3, g, g, generator=gen),
+                    "local": torch.randn(batch_size, n_local, 3, l, l, generator=gen),
+                },
+                "ibot_masks": masks,
+            }
+        )
     return batches
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, patch_embed_lr_mult: float
-                 ) -> list[dict[str, Any]]:
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, patch_embed_lr_mult: float
+) -> list[dict[str, Any]]:
     """Ours' grouping rule (layer-wise decay off, as in the config): patch-embed lr mult, no-decay set, last layer."""
     groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
     for name, param in named:
         if not param.requires_grad:
             continue
-        key = (patch_embed_lr_mult if ".patch_embed." in name else 1.0, 0.0 if is_no_decay(name, param) else 1.0,
-               ".last_layer." in name)
+        key = (
+            patch_embed_lr_mult if ".patch_embed." in name else 1.0,
+            0.0 if is_no_decay(name, param) else 1.0,
+            ".last_layer." in name,
+        )
         group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay * key[1], "lr_mult": key[0]})
         group["params"].append(param)
     return list(groups.values())
@@ -93,8 +108,11 @@ class OursStep:
         self.objective.configure(self.backbone)
         self.objective.bind_schedule(batch_size, model["max_steps"], "steps")
         optim = model["optim"]
-        self.opt = torch.optim.AdamW(self.objective.param_groups(self.backbone, optim["weight_decay"]),
-                                     lr=optim["base_lr"], betas=tuple(optim["betas"]))
+        self.opt = torch.optim.AdamW(
+            self.objective.param_groups(self.backbone, optim["weight_decay"]),
+            lr=optim["base_lr"],
+            betas=tuple(optim["betas"]),
+        )
 
     def loss(self, batch: dict[str, Any], step: int) -> Tensor:
         self.objective.current_step = step
@@ -132,23 +150,28 @@ class LightlyStep:
         t_dino.load_state_dict(self.dino_head.state_dict())
         t_ibot.load_state_dict(self.ibot_head.state_dict())
         self.teachers = [m.requires_grad_(False).eval() for m in (copy.deepcopy(self.backbone), t_dino, t_ibot)]
-        self.dino_loss = lightly["DINOLoss"](output_dim=args["head_prototypes"], teacher_temp=args["teacher_temp"],
-                                             student_temp=0.1, center_momentum=0.9)
-        self.ibot_loss = lightly["IBOTPatchLoss"](output_dim=args["ibot_prototypes"],
-                                                  teacher_temp=args["teacher_temp"], student_temp=0.1,
-                                                  center_momentum=0.9)
+        self.dino_loss = lightly["DINOLoss"](
+            output_dim=args["head_prototypes"], teacher_temp=args["teacher_temp"], student_temp=0.1, center_momentum=0.9
+        )
+        self.ibot_loss = lightly["IBOTPatchLoss"](
+            output_dim=args["ibot_prototypes"], teacher_temp=args["teacher_temp"], student_temp=0.1, center_momentum=0.9
+        )
         self.koleo_loss = lightly["KoLeoLoss"]()
         self.update_momentum = lightly["update_momentum"]
         named = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
         named += [(f"dino_head.{n}", p) for n, p in self.dino_head.named_parameters()]
         named += [(f"ibot_head.{n}", p) for n, p in self.ibot_head.named_parameters()]
         optim = model["optim"]
-        self.opt = torch.optim.AdamW(param_groups(named, optim["weight_decay"], 0.2), lr=optim["base_lr"],
-                                     betas=tuple(optim["betas"]))
+        self.opt = torch.optim.AdamW(
+            param_groups(named, optim["weight_decay"], 0.2), lr=optim["base_lr"], betas=tuple(optim["betas"])
+        )
 
     def teacher_temp(self, step: int) -> float:
-        warm, final, length = self.args["warmup_teacher_temp"], self.args["teacher_temp"], self.args[
-            "teacher_temp_warmup"]
+        warm, final, length = (
+            self.args["warmup_teacher_temp"],
+            self.args["teacher_temp"],
+            self.args["teacher_temp_warmup"],
+        )
         return final if step >= length else warm + (final - warm) * step / length
 
     def loss(self, batch: dict[str, Any], step: int) -> Tensor:
@@ -169,10 +192,14 @@ class LightlyStep:
         s_masked_out = self.ibot_head(student["x_norm_patchtokens"][masks])
         s_local_out = self.dino_head(self.backbone(local_crops)["x_norm_clstoken"])
         n_views = 2 + local_crops.shape[0] // b
-        dino = self.dino_loss(teacher_out=list(t_cls_out.chunk(2)),
-                              student_out=list(torch.cat([s_cls_out, s_local_out]).chunk(n_views)), teacher_temp=temp)
-        ibot = self.ibot_loss(teacher_out=t_masked_out, student_out=s_masked_out,
-                              mask=masks.view(2 * b, grid, grid), teacher_temp=temp)
+        dino = self.dino_loss(
+            teacher_out=list(t_cls_out.chunk(2)),
+            student_out=list(torch.cat([s_cls_out, s_local_out]).chunk(n_views)),
+            teacher_temp=temp,
+        )
+        ibot = self.ibot_loss(
+            teacher_out=t_masked_out, student_out=s_masked_out, mask=masks.view(2 * b, grid, grid), teacher_temp=temp
+        )
         koleo = sum(self.koleo_loss(chunk) for chunk in s_cls.chunk(2))
         return dino + ibot + 0.1 * koleo  # the config keeps DINO's default weights (1, 1, 0.1)
 
@@ -183,8 +210,7 @@ class LightlyStep:
             torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], 3.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        momentum = cosine_schedule(step, self.args["momentum_teacher"], self.args["final_momentum_teacher"],
-                                   self.total)
+        momentum = cosine_schedule(step, self.args["momentum_teacher"], self.args["final_momentum_teacher"], self.total)
         for student, teacher in zip(self.students, self.teachers, strict=True):
             self.update_momentum(student, teacher, m=momentum)
         return loss.detach()
@@ -203,10 +229,18 @@ def import_lightly() -> dict[str, Any] | None:
         return None
     head = getattr(heads, "DINOv2ProjectionHead", None)
     if head is None:  # older lightly: the DINO head, with a trainable weight_g as DINOv2
+
         def head(i: int, h: int, b: int, o: int) -> nn.Module:
             return heads.DINOProjectionHead(i, h, b, o, norm_last_layer=False)
-    return {"version": lightly.__version__, "head": head, "DINOLoss": DINOLoss, "IBOTPatchLoss": IBOTPatchLoss,
-            "KoLeoLoss": KoLeoLoss, "update_momentum": update_momentum}
+
+    return {
+        "version": lightly.__version__,
+        "head": head,
+        "DINOLoss": DINOLoss,
+        "IBOTPatchLoss": IBOTPatchLoss,
+        "KoLeoLoss": KoLeoLoss,
+        "update_momentum": update_momentum,
+    }
 
 
 def main() -> None:
@@ -215,8 +249,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default: %(default)s, per core: on a shared box 2 threads spin)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default: %(default)s, per core: on a shared box 2 threads spin)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lightly = import_lightly()
@@ -235,8 +273,10 @@ def main() -> None:
         check = (ours_c.loss(batches[0], 0).item(), check_ref.loss(batches[0], 0).item())
     del ours_c, check_ref
 
-    variants: dict[str, Any] = {"ours_sk": OursStep(model, args.batch_size, "sinkhorn_knopp"),
-                                "ours_centering": OursStep(model, args.batch_size, "centering")}
+    variants: dict[str, Any] = {
+        "ours_sk": OursStep(model, args.batch_size, "sinkhorn_knopp"),
+        "ours_centering": OursStep(model, args.batch_size, "centering"),
+    }
     variants["lightly"] = LightlyStep(model, variants["ours_centering"], lightly)
     steps = dict.fromkeys(variants, 0)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -246,7 +286,7 @@ def main() -> None:
             steps[key] += 1
     order = list(variants)
     for r in range(args.rounds):
-        for key in order[r % len(order):] + order[:r % len(order)]:
+        for key in order[r % len(order) :] + order[: r % len(order)]:
             for i in range(args.steps):
                 start = time.perf_counter()
                 loss = variants[key](batches[i % len(batches)], steps[key])
@@ -257,22 +297,33 @@ def main() -> None:
     report(args, model, lightly["version"], check, times)
 
 
-def report(args: argparse.Namespace, model: dict[str, Any], version: str, check: tuple[float, float],
-           times: dict[str, list[float]]) -> None:
+def report(
+    args: argparse.Namespace,
+    model: dict[str, Any],
+    version: str,
+    check: tuple[float, float],
+    times: dict[str, list[float]],
+) -> None:
     a, o = model["objective"]["init_args"], model["backbone_overrides"]
-    print(f"demo DINO step ({CONFIG.name}): ViT width {o['embed_dim']} depth {o['depth']} patch {o['patch_size']}, "
-          f"2 x {a['global_crop_size']} px + {a['local_crops_number']} x {a['local_crop_size']} px crops, heads "
-          f"{a['head_prototypes']}/{a['ibot_prototypes']} prototypes; batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}, lightly {version}")
-    print(f"same weights, same batch, first forward: loss ours (centering) {check[0]:.6f}, lightly {check[1]:.6f} "
-          f"(|diff| {abs(check[0] - check[1]):.2e})")
+    print(
+        f"demo DINO step ({CONFIG.name}): ViT width {o['embed_dim']} depth {o['depth']} patch {o['patch_size']}, "
+        f"2 x {a['global_crop_size']} px + {a['local_crops_number']} x {a['local_crop_size']} px crops, heads "
+        f"{a['head_prototypes']}/{a['ibot_prototypes']} prototypes; batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}, lightly {version}"
+    )
+    print(
+        f"same weights, same batch, first forward: loss ours (centering) {check[0]:.6f}, lightly {check[1]:.6f} "
+        f"(|diff| {abs(check[0] - check[1]):.2e})"
+    )
     print(f"{args.rounds} rounds x {args.steps} steps per variant, alternating (median)\n")
     print(f"{'variant':<38}{'ms/step':>9}{'min':>8}{'max':>8}{'img/s':>8}{'vs lightly':>12}")
     ref = statistics.median(times["lightly"])
     for key, name in VARIANTS.items():
         median = statistics.median(times[key])
-        print(f"{name:<38}{1000 * median:>9.1f}{1000 * min(times[key]):>8.1f}{1000 * max(times[key]):>8.1f}"
-              f"{args.batch_size / median:>8.0f}{median / ref:>11.2f}x")
+        print(
+            f"{name:<38}{1000 * median:>9.1f}{1000 * min(times[key]):>8.1f}{1000 * max(times[key]):>8.1f}"
+            f"{args.batch_size / median:>8.0f}{median / ref:>11.2f}x"
+        )
     for key in ("ours_sk", "ours_centering"):
         print(f"ratio {key} / lightly (time): {statistics.median(times[key]) / ref:.2f}")
 

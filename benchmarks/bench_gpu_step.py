@@ -42,7 +42,6 @@ def _peak_flops() -> float | None:
 def build_ours(device: torch.device):
     from lit_webssl.objectives import MAE
     from lit_webssl.objectives.base import normalize_uint8
-
     from lit_webssl.presets import build_backbone
 
     backbone = build_backbone("webmae_300m", device=device)
@@ -111,8 +110,12 @@ def build_reference(device: torch.device):
     model = RefMAE().to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
 
@@ -148,9 +151,9 @@ def flops_per_image(loss_fn, images: torch.Tensor) -> float:
 def trainer_throughput(batch_size: int, steps: int) -> tuple[float, float]:
     """images/s and peak GiB of ``fit`` through Lightning on synthetic uint8 batches (after 5 warm-up steps)."""
     import lightning as L
-    from lit_webssl.objectives import MAE
 
     from lit_webssl.module import LitWebSSL
+    from lit_webssl.objectives import MAE
     from lit_webssl.optim import OptimConfig
 
     class Synthetic(L.LightningDataModule):
@@ -179,10 +182,19 @@ def trainer_throughput(batch_size: int, steps: int) -> tuple[float, float]:
             self.ends.append(time.perf_counter())
 
     clock = Clock()
-    module = LitWebSSL(MAE(crop_size=224), backbone="webmae_300m",
-                       optim=OptimConfig(base_lr=1.5e-4, warmup=2, total=1000))
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps + 5, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[clock])
+    module = LitWebSSL(
+        MAE(crop_size=224), backbone="webmae_300m", optim=OptimConfig(base_lr=1.5e-4, warmup=2, total=1000)
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps + 5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[clock],
+    )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=Synthetic())
     per_step = (clock.ends[-1] - clock.starts[5]) / (len(clock.ends) - 5)  # steps 5..end; fit teardown excluded
@@ -194,9 +206,9 @@ def dino_main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import yaml
+
     from lit_webssl.objectives import DINOv2
     from lit_webssl.objectives.base import normalize_uint8
-
     from lit_webssl.presets import build_backbone
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/webdino/vit_l.yaml").read_text())["model"]
@@ -210,12 +222,15 @@ def dino_main(args: argparse.Namespace) -> None:
     objective.to(device)
     objective.bind_schedule(args.batch_size, 625_000, "steps")
     opt = torch.optim.AdamW(objective.param_groups(backbone, 0.04), lr=3.5e-4, betas=(0.9, 0.999), fused=True)
-    views = {v.name: torch.randint(0, 256, (args.batch_size, v.count, 3, v.size, v.size), dtype=torch.uint8,
-                                   device=device) for v in objective.views()}
+    views = {
+        v.name: torch.randint(0, 256, (args.batch_size, v.count, 3, v.size, v.size), dtype=torch.uint8, device=device)
+        for v in objective.views()
+    }
 
     def loss_fn(n: int) -> torch.Tensor:
-        batch = {"views": {k: normalize_uint8(v[:n], objective.pixel_mean, objective.pixel_std)
-                           for k, v in views.items()}}
+        batch = {
+            "views": {k: normalize_uint8(v[:n], objective.pixel_mean, objective.pixel_std) for k, v in views.items()}
+        }
         return objective(batch, backbone).loss
 
     def steps(count: int) -> float:
@@ -247,12 +262,16 @@ def dino_main(args: argparse.Namespace) -> None:
     rate = args.batch_size / step
     peak = _peak_flops()
     mfu = f"{100 * flops * rate / peak:.1f}%" if peak else "n/a"
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; Web-DINO "
-          f"{args.backbone or config['backbone']}, batch {args.batch_size} images x (2 x 224 + 8 x 98 crops), "
-          f"grad checkpointing {args.grad_checkpointing}, {args.rounds} rounds x {args.steps} steps")
-    print(f"  web-dino   {rate:8.1f} img/s  {1000 * step:7.1f} ms/step  {flops / 1e9:7.1f} GFLOP/img  MFU {mfu}  "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB  "
-          f"(rounds: {', '.join(f'{args.batch_size / t:.0f}' for t in times)})")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; Web-DINO "
+        f"{args.backbone or config['backbone']}, batch {args.batch_size} images x (2 x 224 + 8 x 98 crops), "
+        f"grad checkpointing {args.grad_checkpointing}, {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        f"  web-dino   {rate:8.1f} img/s  {1000 * step:7.1f} ms/step  {flops / 1e9:7.1f} GFLOP/img  MFU {mfu}  "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB  "
+        f"(rounds: {', '.join(f'{args.batch_size / t:.0f}' for t in times)})"
+    )
 
 
 def main() -> None:
@@ -285,23 +304,29 @@ def main() -> None:
             times[name].append(train_steps(fn, opt, images, args.steps))
             peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     peak = _peak_flops()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, "
-          f"{args.rounds} rounds x {args.steps} steps, bf16 autocast, fused AdamW")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, "
+        f"{args.rounds} rounds x {args.steps} steps, bf16 autocast, fused AdamW"
+    )
     rate = {}
     for name in sides:
         step = statistics.median(times[name])
         rate[name] = args.batch_size / step
         mfu = f"{100 * flops[name] * rate[name] / peak:.1f}%" if peak else "n/a"
-        print(f"  {name:10s} {rate[name]:8.1f} img/s  {1000 * step:7.1f} ms/step  "
-              f"{flops[name] / 1e9:7.1f} GFLOP/img  MFU {mfu}  peak {peaks[name]:.1f} GiB  "
-              f"(rounds: {', '.join(f'{args.batch_size / t:.0f}' for t in times[name])})")
+        print(
+            f"  {name:10s} {rate[name]:8.1f} img/s  {1000 * step:7.1f} ms/step  "
+            f"{flops[name] / 1e9:7.1f} GFLOP/img  MFU {mfu}  peak {peaks[name]:.1f} GiB  "
+            f"(rounds: {', '.join(f'{args.batch_size / t:.0f}' for t in times[name])})"
+        )
     print(f"  ratio ours / reference: {rate['ours'] / rate['reference']:.3f}x")
     del sides
     torch.cuda.empty_cache()
     if not args.skip_trainer:
         img_s, gib = trainer_throughput(args.batch_size, args.steps)
-        print(f"  trainer    {img_s:8.1f} img/s  (lightning bf16-mixed fit, LitWebSSL)  peak {gib:.1f} GiB  "
-              f"ratio to the plain loop: {img_s / rate['ours']:.3f}x")
+        print(
+            f"  trainer    {img_s:8.1f} img/s  (lightning bf16-mixed fit, LitWebSSL)  peak {gib:.1f} GiB  "
+            f"ratio to the plain loop: {img_s / rate['ours']:.3f}x"
+        )
 
 
 if __name__ == "__main__":

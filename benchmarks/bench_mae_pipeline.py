@@ -26,13 +26,14 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from lit_webssl.datamodules import MultiViewStreamingDataset
-from lit_webssl.datamodules.demo import CLASSES, render
-from lit_webssl.objectives.base import ViewSpec
 from streaming import MDSWriter, StreamingDataLoader
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
+
+from lit_webssl.datamodules import MultiViewStreamingDataset
+from lit_webssl.datamodules.demo import CLASSES, render
+from lit_webssl.objectives.base import ViewSpec
 
 MAE_VIEW = ViewSpec("image", size=224, scale=(0.2, 1.0))
 
@@ -41,8 +42,9 @@ def write_sources(root: Path, n: int, size: int) -> float:
     """Draw ``n`` demo images of ``size`` px, JPEG them once, store the same bytes as MDS and as an ImageFolder."""
     rng = np.random.default_rng(0)
     total = 0
-    with MDSWriter(out=str(root / "mds" / "train"), columns={"image": "bytes", "label": "int"},
-                   progress_bar=False) as writer:
+    with MDSWriter(
+        out=str(root / "mds" / "train"), columns={"image": "bytes", "label": "int"}, progress_bar=False
+    ) as writer:
         for i in range(n):
             label = i % len(CLASSES)
             picture, _ = render(label, rng, size)
@@ -59,17 +61,20 @@ def write_sources(root: Path, n: int, size: int) -> float:
 
 def ours(root: Path, batch_size: int, workers: int) -> StreamingDataLoader:
     """A fresh dataset and loader per measurement (a StreamingDataset is never shared between loaders)."""
-    dataset = MultiViewStreamingDataset(views=[MAE_VIEW], local=str(root / "mds"), split="train", shuffle=True,
-                                        batch_size=batch_size)
+    dataset = MultiViewStreamingDataset(
+        views=[MAE_VIEW], local=str(root / "mds"), split="train", shuffle=True, batch_size=batch_size
+    )
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
 def reference(root: Path, batch_size: int, workers: int) -> DataLoader:
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor(),
+        ]
+    )
     folder = datasets.ImageFolder(str(root / "folder"), transform=transform)
     return DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers)
 
@@ -99,8 +104,10 @@ def source_tree(prefix: str, n_images: int, image_size: int) -> Iterator[Path]:
         root = Path(tmp)
         start = time.perf_counter()
         mean_bytes = write_sources(root, n_images, image_size)
-        print(f"wrote {n_images} JPEGs of {image_size} px (mean {mean_bytes / 1024:.1f} KiB) as MDS and "
-              f"ImageFolder in {time.perf_counter() - start:.1f} s")
+        print(
+            f"wrote {n_images} JPEGs of {image_size} px (mean {mean_bytes / 1024:.1f} KiB) as MDS and "
+            f"ImageFolder in {time.perf_counter() - start:.1f} s"
+        )
         yield root
 
 
@@ -121,10 +128,14 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, results: dict[str, list[tuple[float, float]]]) -> None:
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
-    print(f"MAE view: RandomResizedCrop(224, scale=(0.2, 1), bicubic) + hflip; workers {args.num_workers}, "
-          f"batch {args.batch_size}, {args.repeats} repeats (median)\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}"
+    )
+    print(
+        f"MAE view: RandomResizedCrop(224, scale=(0.2, 1), bicubic) + hflip; workers {args.num_workers}, "
+        f"batch {args.batch_size}, {args.repeats} repeats (median)\n"
+    )
     names = {"ours": "lit_webssl: MDS + decode_image + v2 uint8", "reference": "torchvision ImageFolder + PIL"}
     print(f"{'pipeline':<44}{'epoch img/s':>13}{'steady img/s':>14}")
     medians = {}

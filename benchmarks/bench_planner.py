@@ -25,23 +25,33 @@ from typing import Any
 
 import torch
 import yaml
-from lit_webssl.objectives.base import normalize_uint8
-from lit_webssl.objectives.dino import DINOv2
-from lit_webssl.objectives.mae import MAE
 
 from lit_webssl.activations import HostPeak, saved_tensor_bytes
 from lit_webssl.memory import parse_precision, parse_strategy
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives.base import normalize_uint8
+from lit_webssl.objectives.dino import DINOv2
+from lit_webssl.objectives.mae import MAE
 from lit_webssl.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory
 
 CONFIG_7B = Path(__file__).resolve().parents[1] / "configs" / "webdino" / "vit_7b.yaml"
-HEADS = {"head_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64, "ibot_prototypes": 192,
-         "ibot_hidden_dim": 96, "ibot_bottleneck_dim": 48}
+HEADS = {
+    "head_prototypes": 256,
+    "head_hidden_dim": 128,
+    "head_bottleneck_dim": 64,
+    "ibot_prototypes": 192,
+    "ibot_hidden_dim": 96,
+    "ibot_bottleneck_dim": 48,
+}
 BATCH = 8
 CASES = [  # name, objective, backbone shape, precision
     ("DINO GELU fp32 32/16 px", "dino", {}, "32-true"),
-    ("DINO SwiGLU fp32 48/24 px w96, no LayerScale", "dino", {"ffn": "swiglu", "width": 96, "depth": 3, "size": 48,
-                                                              "layerscale": None}, "32-true"),
+    (
+        "DINO SwiGLU fp32 48/24 px w96, no LayerScale",
+        "dino",
+        {"ffn": "swiglu", "width": 96, "depth": 3, "size": 48, "layerscale": None},
+        "32-true",
+    ),
     ("DINO GELU bf16 32/16 px", "dino", {}, "bf16-mixed"),
     ("DINO SwiGLU bf16 depth 4", "dino", {"ffn": "swiglu", "depth": 4}, "bf16-mixed"),
     ("DINO GELU fp32 math attention", "dino", {"fused": False}, "32-true"),
@@ -51,16 +61,32 @@ CASES = [  # name, objective, backbone shape, precision
 ]
 
 
-def tiny(objective: str, size: int = 32, width: int = 64, depth: int = 2, ffn: str = "mlp", fused: bool = True,
-         **backbone: Any) -> LitWebSSL:
+def tiny(
+    objective: str,
+    size: int = 32,
+    width: int = 64,
+    depth: int = 2,
+    ffn: str = "mlp",
+    fused: bool = True,
+    **backbone: Any,
+) -> LitWebSSL:
     """A tiny CPU model: DINO with 2 local crops of half size, or MAE with a 2 x 32 decoder."""
     torch.manual_seed(0)
     if objective == "dino":
         obj = DINOv2(global_crop_size=size, local_crops_number=2, local_crop_size=size // 2, **HEADS)
     else:
         obj = MAE(crop_size=size, decoder_dim=32, decoder_depth=2, decoder_heads=4)
-    overrides = {"img_size": size, "patch_size": 4, "embed_dim": width, "depth": depth, "num_heads": 4, "ffn": ffn,
-                 "layerscale": 1e-5, "drop_path_rate": 0.1, **backbone}
+    overrides = {
+        "img_size": size,
+        "patch_size": 4,
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": 4,
+        "ffn": ffn,
+        "layerscale": 1e-5,
+        "drop_path_rate": 0.1,
+        **backbone,
+    }
     model = LitWebSSL(obj, "vit_debug", overrides)
     model.configure_model()
     for block in model.backbone.blocks:
@@ -159,8 +185,10 @@ def gpu_main(args: argparse.Namespace) -> None:
     model.train()
     groups = model.objective.param_groups(model.backbone, 0.04)
     optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.999), fused=True)
-    uint8 = {v.name: torch.randint(0, 256, (args.batch_size, v.count, 3, v.size, v.size), dtype=torch.uint8,
-                                   device="cuda") for v in model.objective.views()}
+    uint8 = {
+        v.name: torch.randint(0, 256, (args.batch_size, v.count, 3, v.size, v.size), dtype=torch.uint8, device="cuda")
+        for v in model.objective.views()
+    }
     mean, std = model.objective.pixel_mean, model.objective.pixel_std
     for step in range(args.steps + 2):
         if step == 2:  # after the optimizer states exist
@@ -170,11 +198,15 @@ def gpu_main(args: argparse.Namespace) -> None:
         gpu_step(model, batch, optimizer, step)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: webdino_7b depth {args.depth}, batch "
-          f"{args.batch_size} x (2 x 224 + 8 x 98), bf16 autocast, checkpointing {args.grad_checkpointing}")
-    print(f"  planner (no allowance) {expected / GIB:.2f} GiB, measured max allocated {measured / GIB:.2f} GiB, "
-          f"ratio {expected / measured:.3f}; reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB, planner "
-          f"with allowance {plan.peak_device / GIB:.2f} GiB")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: webdino_7b depth {args.depth}, batch "
+        f"{args.batch_size} x (2 x 224 + 8 x 98), bf16 autocast, checkpointing {args.grad_checkpointing}"
+    )
+    print(
+        f"  planner (no allowance) {expected / GIB:.2f} GiB, measured max allocated {measured / GIB:.2f} GiB, "
+        f"ratio {expected / measured:.3f}; reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB, planner "
+        f"with allowance {plan.peak_device / GIB:.2f} GiB"
+    )
 
 
 def main() -> None:

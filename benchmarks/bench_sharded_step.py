@@ -36,8 +36,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-BLOCKS = {"single": [], "zero3": ["--config", str(CONFIGS / "strategy" / "deepspeed_zero3.yaml")],
-          "fsdp2": ["--config", str(CONFIGS / "strategy" / "fsdp2.yaml")]}
+BLOCKS = {
+    "single": [],
+    "zero3": ["--config", str(CONFIGS / "strategy" / "deepspeed_zero3.yaml")],
+    "fsdp2": ["--config", str(CONFIGS / "strategy" / "fsdp2.yaml")],
+}
 SIZES = {"vit_l": "webdino_300m", "7b": "webdino_7b"}
 PEAK_ROW = re.compile(r"peak = .*?│\s*│\s*([\d.]+)\s*│")
 ALLOWANCE_ROW = re.compile(r"allowance.*?│\s*\w+\s*│\s*([\d.]+)\s*│")
@@ -46,10 +49,26 @@ ALLOWANCE_ROW = re.compile(r"allowance.*?│\s*\w+\s*│\s*([\d.]+)\s*│")
 def model_args(args: argparse.Namespace) -> list[str]:
     """The size config and the overrides every strategy shares."""
     if args.cpu:
-        return ["--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), "--trainer.accelerator", "cpu",
-                "--trainer.precision", "bf16-mixed", "--data.init_args.batch_size", str(args.batch_size)]
-    out = ["--config", str(CONFIGS / "webdino" / "vit_7b.yaml"), "--model.backbone", SIZES[args.size],
-           "--trainer.accelerator", "gpu", "--data.init_args.batch_size", str(args.batch_size)]
+        return [
+            "--config",
+            str(CONFIGS / "demo" / "dino_tiny.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "bf16-mixed",
+            "--data.init_args.batch_size",
+            str(args.batch_size),
+        ]
+    out = [
+        "--config",
+        str(CONFIGS / "webdino" / "vit_7b.yaml"),
+        "--model.backbone",
+        SIZES[args.size],
+        "--trainer.accelerator",
+        "gpu",
+        "--data.init_args.batch_size",
+        str(args.batch_size),
+    ]
     if args.depth:
         out += ["--model.backbone_overrides.depth", str(args.depth)]
     return out
@@ -64,20 +83,46 @@ def strategy_args(name: str, args: argparse.Namespace) -> list[str]:
 
 def _env() -> dict[str, str]:
     """The environment of the runs: ``tests/`` importable (the CPU DeepSpeed strategy of ``--cpu``)."""
-    return {**os.environ, "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def run_fit(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     """One ``fit`` of ``args.steps`` steps; returns its ``metrics.json`` figures."""
     run = f"bench_{name}"
-    cmd = [sys.executable, "-m", "lit_webssl", "fit", *model_args(args), *strategy_args(name, args),
-           "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.max_steps", str(args.steps),
-           "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
-           "--trainer.callbacks", "lit_webssl.callbacks.ThroughputMonitor",
-           "--trainer.callbacks.warmup_steps", str(args.warmup), "--trainer.callbacks.log_every_n_steps", "1000",
-           "--data.init_args.local", str(args.data), "--data.init_args.num_workers", str(args.workers),
-           "--run_name", run]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_webssl",
+        "fit",
+        *model_args(args),
+        *strategy_args(name, args),
+        "--trainer.devices",
+        "1",
+        "--trainer.num_nodes",
+        "1",
+        "--trainer.max_steps",
+        str(args.steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "lit_webssl.callbacks.ThroughputMonitor",
+        "--trainer.callbacks.warmup_steps",
+        str(args.warmup),
+        "--trainer.callbacks.log_every_n_steps",
+        "1000",
+        "--data.init_args.local",
+        str(args.data),
+        "--data.init_args.num_workers",
+        str(args.workers),
+        "--run_name",
+        run,
+    ]
     result = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{name}: fit failed\n{' '.join(cmd)}\n{result.stderr[-4000:]}")
@@ -87,8 +132,18 @@ def run_fit(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
 
 def planned_peak(name: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
     """The planner's per-device peak and its allowance (GiB; none on CPU) for the same model, batch and block."""
-    cmd = [sys.executable, "-m", "lit_webssl", "plan", *model_args(args), *strategy_args(name, args),
-           "--devices", "1", "--nodes", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_webssl",
+        "plan",
+        *model_args(args),
+        *strategy_args(name, args),
+        "--devices",
+        "1",
+        "--nodes",
+        "1",
+    ]
     result = subprocess.run(cmd, cwd=out, capture_output=True, text=True, env={**_env(), "COLUMNS": "200"})
     peak, allowance = PEAK_ROW.search(result.stdout), ALLOWANCE_ROW.search(result.stdout)
     if result.returncode or not peak:
@@ -121,17 +176,24 @@ def main() -> None:
             figures = run_fit(name, args, Path(tmp))
             plan, allowance = planned_peak(name, args, Path(tmp))
             rows.append((name, figures, plan, allowance))
-    what = ("tiny demo model on CPU (peaks: host RSS)" if args.cpu
-            else f"{SIZES[args.size]} depth {args.depth or 'full'}")
-    print(f"Web-DINO {what}, {args.batch_size} images/device, {args.steps} steps ({args.warmup} untimed), "
-          f"activation checkpointing {'off' if args.no_checkpointing else 'on'}")
-    print(f"{'strategy':<8} {'img/s':>9} {'vs single':>9} {'peak GiB':>9} {'vs single':>9} {'planned':>8} "
-          f"{'planned/measured':>16}")
+    what = (
+        "tiny demo model on CPU (peaks: host RSS)" if args.cpu else f"{SIZES[args.size]} depth {args.depth or 'full'}"
+    )
+    print(
+        f"Web-DINO {what}, {args.batch_size} images/device, {args.steps} steps ({args.warmup} untimed), "
+        f"activation checkpointing {'off' if args.no_checkpointing else 'on'}"
+    )
+    print(
+        f"{'strategy':<8} {'img/s':>9} {'vs single':>9} {'peak GiB':>9} {'vs single':>9} {'planned':>8} "
+        f"{'planned/measured':>16}"
+    )
     base = next((f for n, f, _, _ in rows if n == "single"), rows[0][1])
     for name, figures, plan, allowance in rows:
         ips, peak = figures.get("images_per_sec", float("nan")), figures["peak_memory_gib"]
-        print(f"{name:<8} {ips:>9.1f} {ips / base.get('images_per_sec', float('nan')):>8.3f}x {peak:>9.2f} "
-              f"{peak / base['peak_memory_gib']:>8.3f}x {plan - allowance:>8.2f} {(plan - allowance) / peak:>16.3f}")
+        print(
+            f"{name:<8} {ips:>9.1f} {ips / base.get('images_per_sec', float('nan')):>8.3f}x {peak:>9.2f} "
+            f"{peak / base['peak_memory_gib']:>8.3f}x {plan - allowance:>8.2f} {(plan - allowance) / peak:>16.3f}"
+        )
 
 
 if __name__ == "__main__":

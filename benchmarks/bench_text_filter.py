@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from lit_webssl.datamodules.demo import CLASSES, build_text_dataset
 from lit_webssl.datamodules.filter import (
     DEFAULT_THRESHOLDS,
@@ -96,8 +97,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/demo_text", help="demo text set (built when missing)")
     parser.add_argument("--split", default="val", help="split reported (default: %(default)s)")
-    parser.add_argument("--scorers", nargs="+", default=["classical", "ocr"], choices=["classical", "ocr", "ocr-all"],
-                        help="ocr: with the classical prescreen (as shipped); ocr-all: Tesseract on every image")
+    parser.add_argument(
+        "--scorers",
+        nargs="+",
+        default=["classical", "ocr"],
+        choices=["classical", "ocr", "ocr-all"],
+        help="ocr: with the classical prescreen (as shipped); ocr-all: Tesseract on every image",
+    )
     parser.add_argument("--workers", type=int, default=1, help="scoring processes (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     parser.add_argument("--sweep", action="store_true", help="also print best-F1 thresholds on --calibrate")
@@ -119,13 +125,13 @@ def main() -> None:
             values = np.array([s[level] for s in scores])
             positive = np.isin(truth, TRUTH_POSITIVE[level])
             kept_fraction, precision, recall = metrics(values, positive, thresholds[level])
-            row += [f"{thresholds[level]:g}", f"{100 * kept_fraction:.1f} %", f"{precision:.3f}",
-                    f"{recall:.3f}"]
+            row += [f"{thresholds[level]:g}", f"{100 * kept_fraction:.1f} %", f"{precision:.3f}", f"{recall:.3f}"]
             kept = values >= thresholds[level]
             for kind in sorted(set(kinds.tolist())):
                 mask = kinds == kind
-                detail[(level, kind, "keep" if positive[mask].all() else "false keep")][name] = \
+                detail[(level, kind, "keep" if positive[mask].all() else "false keep")][name] = (
                     f"{int(kept[mask].sum())}/{int(mask.sum())}"
+                )
         rows.append(row)
         if args.sweep:
             cal_images, cal_encoding, cal_truths, _ = load_split(root, args.calibrate, args.limit)
@@ -134,8 +140,18 @@ def main() -> None:
                 values = np.array([s[level] for s in cal_scores])
                 t, f1 = best_threshold(values, np.isin(np.array(cal_truths), TRUTH_POSITIVE[level]))
                 print(f"sweep on {args.calibrate}: {name} {level}: best F1 {f1:.3f} at threshold {t:g}")
-    header = ["scorer", "images/s", "light thr", "light kept", "light precision", "light recall", "heavy thr",
-              "heavy kept", "heavy precision", "heavy recall"]
+    header = [
+        "scorer",
+        "images/s",
+        "light thr",
+        "light kept",
+        "light precision",
+        "light recall",
+        "heavy thr",
+        "heavy kept",
+        "heavy precision",
+        "heavy recall",
+    ]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")

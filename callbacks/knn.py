@@ -8,12 +8,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
-from lit_webssl.objectives.base import normalize_uint8
 from torch import Tensor, nn
 
+from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.errors import ConfigError
 from lit_webssl.knn import knn_top1
+from lit_webssl.objectives.base import normalize_uint8
 from lit_webssl.parallel import strategy_family
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,7 @@ class KNNProbe(L.Callback):
         backbone.train(was_training)
         if baselines:
             mean, std = pl_module.objective.pixel_mean, pl_module.objective.pixel_std
-            results["knn_top1_pixel"] = self._score(
-                loaders, lambda x: normalize_uint8(x, mean, std).flatten(1), device
-            )
+            results["knn_top1_pixel"] = self._score(loaders, lambda x: normalize_uint8(x, mean, std).flatten(1), device)
             if _sharded(trainer):  # a whole random-init backbone on one rank is what sharding avoids
                 log.info("kNN: no random-init baseline under a sharded strategy")
                 return results

@@ -107,8 +107,10 @@ class ProgressiveResolution(L.Callback):
             if i == 0 and stage.start != 0:
                 raise ConfigError(f"{flag}.start must be 0 (the first stage starts the run), got {stage.start}")
             if i and stage.start <= self.stages[i - 1].start:
-                raise ConfigError(f"{flag}.start={stage.start} must be larger than stages[{i - 1}].start="
-                                  f"{self.stages[i - 1].start} (stages sorted by start)")
+                raise ConfigError(
+                    f"{flag}.start={stage.start} must be larger than stages[{i - 1}].start="
+                    f"{self.stages[i - 1].start} (stages sorted by start)"
+                )
             for name in ("global_crop_size", "local_crop_size", "batch_size"):
                 value = getattr(stage, name)
                 if value is not None and value < 1:
@@ -155,10 +157,15 @@ class ProgressiveResolution(L.Callback):
             return
         self._trainer = trainer
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "batch_size") or not callable(
-                getattr(datamodule, "set_views", None)):
-            raise ConfigError(f"{FLAG} needs a datamodule with `batch_size` and `set_views()` (--data), e.g. "
-                              "lit_webssl.datamodules.WebSSLDataModule")
+        if (
+            datamodule is None
+            or not hasattr(datamodule, "batch_size")
+            or not callable(getattr(datamodule, "set_views", None))
+        ):
+            raise ConfigError(
+                f"{FLAG} needs a datamodule with `batch_size` and `set_views()` (--data), e.g. "
+                "lit_webssl.datamodules.WebSSLDataModule"
+            )
         objective = getattr(pl_module, "objective", None)
         if objective is None or not callable(getattr(objective, "set_resolution", None)):
             raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
@@ -175,8 +182,9 @@ class ProgressiveResolution(L.Callback):
             for name in ("global_crop_size", "local_crop_size"):
                 value = getattr(st, name)
                 if value is not None and value % self._patch:
-                    raise ConfigError(f"{FLAG}.stages[{i}].{name}={value} is not divisible by the patch size "
-                                      f"{self._patch}")
+                    raise ConfigError(
+                        f"{FLAG}.stages[{i}].{name}={value} is not divisible by the patch size {self._patch}"
+                    )
         first = self.stages[0]
         if first.batch_size is not None:
             datamodule.batch_size = first.batch_size  # the run's base batch: the lr schedule is built from it
@@ -209,13 +217,16 @@ class ProgressiveResolution(L.Callback):
         self._changed_in_epoch = False
         _counted_epoch(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        pl_module.log("train/global_crop_size", float(self.stages[self._stage].global_crop_size), on_step=True,
-                      on_epoch=False)
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log(
+            "train/global_crop_size", float(self.stages[self._stage].global_crop_size), on_step=True, on_epoch=False
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         target = self.stage_at(trainer.global_step)
         if target == self._stage:
             return
@@ -223,22 +234,29 @@ class ProgressiveResolution(L.Callback):
         self._enter(trainer, pl_module, target, rebuild=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self._stage, "changed_in_epoch": self._changed_in_epoch, "unit": self.unit,
-                "stages": [asdict(s) for s in self.stages]}
+        return {
+            "stage": self._stage,
+            "changed_in_epoch": self._changed_in_epoch,
+            "unit": self.unit,
+            "stages": [asdict(s) for s in self.stages],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stage = int(state_dict.get("stage", 0))
         if stage >= len(self.stages):
-            raise ConfigError(f"{FLAG}.stages: the checkpoint is in stage {stage}, but only {len(self.stages)} "
-                              "stage(s) are configured")
+            raise ConfigError(
+                f"{FLAG}.stages: the checkpoint is in stage {stage}, but only {len(self.stages)} "
+                "stage(s) are configured"
+            )
         self._stage = stage
         self._changed_in_epoch = bool(state_dict.get("changed_in_epoch", False))
         if self._fit_started and self._trainer is not None:  # sharded strategies restore after on_fit_start
             self._enter(self._trainer, self._trainer.lightning_module, stage, rebuild=False)
 
     # -- applying a stage ----------------------------------------------------------------------------------------
-    def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, rebuild: bool,
-               resample: bool = True) -> None:
+    def _enter(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, rebuild: bool, resample: bool = True
+    ) -> None:
         st = self.stages[index]
         objective = pl_module.objective
         objective.set_resolution(st.global_crop_size, st.local_crop_size)
@@ -257,9 +275,11 @@ class ProgressiveResolution(L.Callback):
             _invalidate_val_loader(trainer)
             self._changed_in_epoch = True
         local = f", local crops {st.local_crop_size} px" if st.local_crop_size else ""
-        rank_zero_info(f"ProgressiveResolution: stage {index} from step {trainer.global_step}: global crops "
-                       f"{st.global_crop_size} px (grid {grid}x{grid}){local}, {datamodule.batch_size} images per "
-                       f"device, lr x {st.lr_scale:g}")
+        rank_zero_info(
+            f"ProgressiveResolution: stage {index} from step {trainer.global_step}: global crops "
+            f"{st.global_crop_size} px (grid {grid}x{grid}){local}, {datamodule.batch_size} images per "
+            f"device, lr x {st.lr_scale:g}"
+        )
 
 
 # -- model surgery -------------------------------------------------------------------------------------------------
@@ -267,8 +287,10 @@ def _patch_size(pl_module: L.LightningModule) -> int:
     backbone = getattr(pl_module, "backbone", None)
     if isinstance(backbone, VisionTransformer):
         return backbone.patch_size
-    config = {**PRESETS.get(getattr(pl_module, "backbone_name", ""), {}),
-              **(getattr(pl_module, "backbone_overrides", None) or {})}
+    config = {
+        **PRESETS.get(getattr(pl_module, "backbone_name", ""), {}),
+        **(getattr(pl_module, "backbone_overrides", None) or {}),
+    }
     default = inspect.signature(VisionTransformer.__init__).parameters["patch_size"].default
     return int(config.get("patch_size", default))
 
@@ -301,8 +323,9 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
     Returns:
         Names of the ViTs that changed.
     """
-    vits = {name: m for name, m in pl_module.named_modules() if isinstance(m, VisionTransformer) and
-            m.grid_size != grid}
+    vits = {
+        name: m for name, m in pl_module.named_modules() if isinstance(m, VisionTransformer) and m.grid_size != grid
+    }
     if not vits:
         return []
     if trainer is not None and strategy_family(trainer.strategy) == "deepspeed":
@@ -366,11 +389,19 @@ def _regrid_zero3(trainer: L.Trainer, pl_module: nn.Module, vits: dict[str, Visi
         tables[key] = (vit.table_at(whole_fp32(vit.pos_embed, local), grid, grid), vit.pos_embed.requires_grad)
     state_keys = sorted({k for st in zero.optimizer.state.values() for k in st if k != "step"})
     steps = [st["step"] for st in zero.optimizer.state.values() if "step" in st]
-    kept = {name: (safe_get_local_fp32_param(p).clone(),
-                   {k: safe_get_local_optimizer_state(p, k).clone() for k in state_keys})
-            for name, p in pl_module.named_parameters() if p.requires_grad and name not in tables}
-    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-                if hasattr(engine, k)}
+    kept = {
+        name: (
+            safe_get_local_fp32_param(p).clone(),
+            {k: safe_get_local_optimizer_state(p, k).clone() for k in state_keys},
+        )
+        for name, p in pl_module.named_parameters()
+        if p.requires_grad and name not in tables
+    }
+    counters = {
+        k: getattr(engine, k)
+        for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+        if hasattr(engine, k)
+    }
 
     engine.destroy()
     strategy.model = pl_module
@@ -392,8 +423,10 @@ def _regrid_zero3(trainer: L.Trainer, pl_module: nn.Module, vits: dict[str, Visi
     for flat, members in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups, strict=True):
         new = [id(p) in fresh for p in members]
         if any(new) and not all(new):
-            raise RuntimeError("ZeRO-3 resolution stage: a position table shares an optimizer group with other "
-                               "parameters; LitWebSSL.configure_optimizers gives the tables groups of their own")
+            raise RuntimeError(
+                "ZeRO-3 resolution stage: a position table shares an optimizer group with other "
+                "parameters; LitWebSSL.configure_optimizers gives the tables groups of their own"
+            )
         if steps and not any(new):  # a new table's sub-group starts fresh
             step = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]  # DeepSpeedCPUAdam: an int
             zero.optimizer.state[flat] = {"step": step, **{k: torch.zeros_like(flat) for k in state_keys}}
@@ -406,8 +439,9 @@ def _regrid_zero3(trainer: L.Trainer, pl_module: nn.Module, vits: dict[str, Visi
         if requires_grad:
             safe_set_local_fp32_param(params[key], partition_of(params[key], table))
     if objective is not None:  # the teacher's fp32 masters of its new tables (bf16 runs)
-        objective.load_fp32_weights({k.removeprefix("objective."): t for k, (t, _) in tables.items()
-                                     if k.startswith("objective.")})
+        objective.load_fp32_weights(
+            {k.removeprefix("objective."): t for k, (t, _) in tables.items() if k.startswith("objective.")}
+        )
 
 
 def _optimizers(trainer: L.Trainer | None) -> list[torch.optim.Optimizer]:
@@ -465,8 +499,11 @@ def rebuild_train_loader(trainer: L.Trainer) -> None:
     loader = _process_dataloader(trainer, TrainerFn.FITTING, RunningStage.TRAINING, loader)
     combined = CombinedLoader(loader, "max_size_cycle")
     length = sized_len(loader)
-    combined.limits = [_parse_num_batches(RunningStage.TRAINING, float("inf") if length is None else length,
-                                          trainer.limit_train_batches)]
+    combined.limits = [
+        _parse_num_batches(
+            RunningStage.TRAINING, float("inf") if length is None else length, trainer.limit_train_batches
+        )
+    ]
     fit_loop._combined_loader = combined
     fetcher.setup(combined)
     iter(fetcher)

@@ -9,8 +9,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 
+from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.errors import ConfigError
 
 
@@ -73,8 +73,9 @@ class ThroughputMonitor(L.Callback):
         if self._seen_steps == self.warmup_steps:
             self._first = self._start
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           *args) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args
+    ) -> None:
         self._sync(pl_module)
         now = time.perf_counter()
         self._seen_steps += 1
@@ -84,8 +85,11 @@ class ThroughputMonitor(L.Callback):
         self._compute_s += now - self._start
         self._last = now
         if self._seen_steps % self.log_every_n_steps == 0:
-            pl_module.log_dict({f"perf/{k}": v for k, v in self.figures(pl_module).items()
-                                if isinstance(v, float)}, on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {f"perf/{k}": v for k, v in self.figures(pl_module).items() if isinstance(v, float)},
+                on_step=True,
+                on_epoch=False,
+            )
 
     def figures(self, pl_module: L.LightningModule) -> dict[str, float | str]:
         """The running figures: images/s (compute only and wall), peak memory of this rank in GiB and its kind."""

@@ -91,8 +91,9 @@ def prepare_image(data: bytes, min_size: int = 0) -> tuple[bytes, bool]:
         Skip: ``undecodable`` (neither decoder reads it) or ``too_small`` (shorter side below ``min_size``).
     """
     import torch
-    from lit_webssl.datamodules.transforms import decode_image
     from PIL import Image
+
+    from lit_webssl.datamodules.transforms import decode_image
 
     try:
         image = decode_image(data)
@@ -242,7 +243,7 @@ class Output:
         with tempfile.TemporaryDirectory(prefix="lit_webssl_convert_") as tmp:
             keys = CloudUploader.get((tmp, self.root), exist_ok=True).list_objects() or []
         prefix = urllib.parse.urlparse(self.root).path.strip("/")
-        return {key[len(prefix):].lstrip("/") if prefix else key for key in keys}
+        return {key[len(prefix) :].lstrip("/") if prefix else key for key in keys}
 
     def read_text(self, relative: str) -> str:
         """Text of the file ``relative`` under the root."""
@@ -300,13 +301,21 @@ class Plan:
         digest = hashlib.sha256()
         for chunk in self.chunks:
             digest.update(json.dumps([chunk.index, chunk.kind, chunk.items], default=str).encode())
-        return {"version": PLAN_VERSION, "source": self.source, "input": self.input, "chunks": len(self.chunks),
-                "fingerprint": digest.hexdigest(), "options": asdict(self.options), "classes": self.classes,
-                "columns": self.options.columns}
+        return {
+            "version": PLAN_VERSION,
+            "source": self.source,
+            "input": self.input,
+            "chunks": len(self.chunks),
+            "fingerprint": digest.hexdigest(),
+            "options": asdict(self.options),
+            "classes": self.classes,
+            "columns": self.options.columns,
+        }
 
 
-def _first(candidates: Sequence[str], available: Sequence[str], chosen: str | None, flag: str,
-           where: str) -> str | None:
+def _first(
+    candidates: Sequence[str], available: Sequence[str], chosen: str | None, flag: str, where: str
+) -> str | None:
     """The field to use: ``chosen`` (checked against ``available``) or the first candidate present."""
     if chosen is not None:
         if chosen not in available:
@@ -359,8 +368,10 @@ def _read_sidecar(path: Path, opts: argparse.Namespace) -> tuple[dict[str, str],
     where = f"sidecar {path}"
     path_field = _first(PATH_FIELDS, fields, None, "--sidecar", where)
     if path_field is None:
-        raise ConfigError(f"--sidecar: {path} has no path column (one of {', '.join(PATH_FIELDS)}; "
-                          f"fields: {', '.join(fields) or 'none'})")
+        raise ConfigError(
+            f"--sidecar: {path} has no path column (one of {', '.join(PATH_FIELDS)}; "
+            f"fields: {', '.join(fields) or 'none'})"
+        )
     caption_field = _first(CAPTION_FIELDS, fields, opts.caption_field, "--caption-field", where)
     label_field = _first(LABEL_FIELDS, fields, opts.label_field, "--label-field", where)
     captions, labels = {}, {}
@@ -388,31 +399,48 @@ def _plan_folder(root: Path, opts: argparse.Namespace) -> Plan:
                 files[path.relative_to(root).as_posix()] = path.stat().st_size
     images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     stems = {os.path.splitext(f)[0] for f in images}
-    caption_files = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")
-                     and os.path.splitext(f)[0] in stems}
-    skipped = [{"source": f, "reason": "not_image", "detail": f"extension {os.path.splitext(f)[1] or '(none)'!r} "
-                f"is not one of {' '.join(IMAGE_EXTENSIONS)}"}
-               for f in sorted(files) if f not in set(images) and f not in set(caption_files.values())]
+    caption_files = {
+        os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt") and os.path.splitext(f)[0] in stems
+    }
+    skipped = [
+        {
+            "source": f,
+            "reason": "not_image",
+            "detail": f"extension {os.path.splitext(f)[1] or '(none)'!r} is not one of {' '.join(IMAGE_EXTENSIONS)}",
+        }
+        for f in sorted(files)
+        if f not in set(images) and f not in set(caption_files.values())
+    ]
     captions, raw_labels = _read_sidecar(sidecar, opts) if sidecar else ({}, {})
     for relative in sorted(set(captions) | set(raw_labels)):
         if relative not in files:
-            skipped.append({"source": relative, "reason": "missing_file", "detail": f"listed in --sidecar {sidecar} "
-                            "but not found under --in"})
+            skipped.append(
+                {
+                    "source": relative,
+                    "reason": "missing_file",
+                    "detail": f"listed in --sidecar {sidecar} but not found under --in",
+                }
+            )
     if opts.class_folders:
         if any(v is not None for v in raw_labels.values()):
             raise ConfigError("--class-folders: the --sidecar already gives labels; use one or the other")
         outside = [f for f in images if "/" not in f]
-        skipped += [{"source": f, "reason": "no_class_folder", "detail": "--class-folders: file at the top of --in"}
-                    for f in outside]
+        skipped += [
+            {"source": f, "reason": "no_class_folder", "detail": "--class-folders: file at the top of --in"}
+            for f in outside
+        ]
         images = [f for f in images if "/" in f]
         raw_labels = {f: f.split("/", 1)[0] for f in images}
     labels, classes = _index_labels({f: raw_labels.get(f) for f in images}, "--sidecar")
-    options = _options(opts, caption=bool(captions) or bool(caption_files),
-                       label=any(v is not None for v in labels.values()))
+    options = _options(
+        opts, caption=bool(captions) or bool(caption_files), label=any(v is not None for v in labels.values())
+    )
     items = [(f, captions.get(f), caption_files.get(os.path.splitext(f)[0]), labels.get(f)) for f in images]
     size = opts.chunk_size
-    chunks = [Chunk(i, "folder", tuple(items[start:start + size]), len(items[start:start + size]))
-              for i, start in enumerate(range(0, len(items), size))]
+    chunks = [
+        Chunk(i, "folder", tuple(items[start : start + size]), len(items[start : start + size]))
+        for i, start in enumerate(range(0, len(items), size))
+    ]
     return Plan("folder", str(root.absolute()), _stamp(chunks, files), options, skipped, classes)
 
 
@@ -458,14 +486,32 @@ def _plan_wds(root: Path, opts: argparse.Namespace) -> Plan:
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         continue
                     if isinstance(meta, dict):
-                        caption |= _first(CAPTION_FIELDS, list(meta), opts.caption_field, "--caption-field",
-                                          f"{member.name} of {tars[0]}") is not None
-                        label |= _first(LABEL_FIELDS, list(meta), opts.label_field, "--label-field",
-                                        f"{member.name} of {tars[0]}") is not None
+                        caption |= (
+                            _first(
+                                CAPTION_FIELDS,
+                                list(meta),
+                                opts.caption_field,
+                                "--caption-field",
+                                f"{member.name} of {tars[0]}",
+                            )
+                            is not None
+                        )
+                        label |= (
+                            _first(
+                                LABEL_FIELDS,
+                                list(meta),
+                                opts.label_field,
+                                "--label-field",
+                                f"{member.name} of {tars[0]}",
+                            )
+                            is not None
+                        )
     except (tarfile.TarError, OSError, EOFError):
         pass  # reported as a read error of that shard when it is converted
-    chunks = [Chunk(i, "wds", (str(path), path.relative_to(base).as_posix(), path.stat().st_size))
-              for i, path in enumerate(tars)]
+    chunks = [
+        Chunk(i, "wds", (str(path), path.relative_to(base).as_posix(), path.stat().st_size))
+        for i, path in enumerate(tars)
+    ]
     return Plan("wds", str(root.absolute()), chunks, _options(opts, caption=caption, label=label), [])
 
 
@@ -481,14 +527,17 @@ def _parquet_image_column(schema: Any, chosen: str | None, where: str) -> str:
     names = list(schema.names)
     if chosen is not None:
         if chosen not in names or not is_image(chosen):
-            raise ConfigError(f"--image-field: no binary (or {{bytes, path}} struct) column {chosen!r} in {where} "
-                              f"(columns: {', '.join(names)})")
+            raise ConfigError(
+                f"--image-field: no binary (or {{bytes, path}} struct) column {chosen!r} in {where} "
+                f"(columns: {', '.join(names)})"
+            )
         return chosen
     found = next((n for n in IMAGE_FIELDS if n in names and is_image(n)), None)
     found = found or next((n for n in names if is_image(n)), None)
     if found is None:
-        raise ConfigError(f"--image-field: no image column (binary, or a struct with bytes) in {where} "
-                          f"(columns: {', '.join(names)})")
+        raise ConfigError(
+            f"--image-field: no image column (binary, or a struct with bytes) in {where} (columns: {', '.join(names)})"
+        )
     return found
 
 
@@ -501,27 +550,48 @@ def _plan_parquet(root: Path, opts: argparse.Namespace) -> Plan:
     schema = pq.read_schema(files[0])
     where = f"parquet {files[0]}"
     image_field = _parquet_image_column(schema, opts.image_field, where)
-    caption_field = _first(CAPTION_FIELDS, [n for n in schema.names if pa.types.is_string(schema.field(n).type)
-                                            or pa.types.is_large_string(schema.field(n).type)],
-                           opts.caption_field, "--caption-field", f"{where} (string columns)")
-    label_field = _first(LABEL_FIELDS, [n for n in schema.names if pa.types.is_integer(schema.field(n).type)],
-                         opts.label_field, "--label-field", f"{where} (integer columns)")
+    caption_field = _first(
+        CAPTION_FIELDS,
+        [
+            n
+            for n in schema.names
+            if pa.types.is_string(schema.field(n).type) or pa.types.is_large_string(schema.field(n).type)
+        ],
+        opts.caption_field,
+        "--caption-field",
+        f"{where} (string columns)",
+    )
+    label_field = _first(
+        LABEL_FIELDS,
+        [n for n in schema.names if pa.types.is_integer(schema.field(n).type)],
+        opts.label_field,
+        "--label-field",
+        f"{where} (integer columns)",
+    )
     needed = [c for c in (image_field, caption_field, label_field) if c]
     chunks, index = [], 0
     for path in files:
         lacking = [c for c in needed if c not in pq.read_schema(path).names]
         if lacking:
-            raise ConfigError(f"--in: {path} has no column {', '.join(map(repr, lacking))} (the columns are chosen "
-                              f"from the first file, {files[0]}: name them with --image-field / --caption-field / "
-                              "--label-field)")
+            raise ConfigError(
+                f"--in: {path} has no column {', '.join(map(repr, lacking))} (the columns are chosen "
+                f"from the first file, {files[0]}: name them with --image-field / --caption-field / "
+                "--label-field)"
+            )
         meta = pq.ParquetFile(path).metadata
         first = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
             chunks.append(Chunk(index, "parquet", (str(path), path.relative_to(base).as_posix(), group, first), rows))
             index, first = index + 1, first + rows
-    options = _options(opts, caption=caption_field is not None, label=label_field is not None,
-                       image_field=image_field, caption_field=caption_field, label_field=label_field)
+    options = _options(
+        opts,
+        caption=caption_field is not None,
+        label=label_field is not None,
+        image_field=image_field,
+        caption_field=caption_field,
+        label_field=label_field,
+    )
     return Plan("parquet", str(root.absolute()), chunks, options, [])
 
 
@@ -587,8 +657,9 @@ def _wds_record(source: str, members: dict[str, bytes], options: ConvertOptions)
         label = int(text) if re.fullmatch(r"-?\d+", text) else label
     ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
-        return Record(source, None, reason="no_image",
-                      detail=f"no image member (members: {', '.join(sorted(members)) or 'none'})")
+        return Record(
+            source, None, reason="no_image", detail=f"no image member (members: {', '.join(sorted(members)) or 'none'})"
+        )
     return Record(source, members[ext], caption, label)
 
 
@@ -607,7 +678,8 @@ def _read_wds(chunk: Chunk, options: ConvertOptions) -> Iterator[Record]:
                         yield _wds_record(f"{name}/{key}", members, options)
                     key, members = member_key, {}
                 members[ext if ext in wanted else f"other:{ext}"] = (
-                    tar.extractfile(member).read() if ext in wanted else b"")  # type: ignore[union-attr]
+                    tar.extractfile(member).read() if ext in wanted else b""
+                )  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:  # the sample being read is dropped
         yield Record(name, None, reason="read_error", detail=f"tar shard unreadable after {key or 'its start'}: {err}")
         return
@@ -619,8 +691,15 @@ def _read_parquet(chunk: Chunk, options: ConvertOptions) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     path, name, group, first = chunk.items
-    columns = [c for c in (options.image_field, options.caption_field if options.caption else None,
-                           options.label_field if options.label else None) if c]
+    columns = [
+        c
+        for c in (
+            options.image_field,
+            options.caption_field if options.caption else None,
+            options.label_field if options.label else None,
+        )
+        if c
+    ]
     table = pq.ParquetFile(path).read_row_group(group, columns=list(dict.fromkeys(columns)))
     images = table.column(options.image_field).to_pylist()
     captions = table.column(options.caption_field).to_pylist() if options.caption else [None] * len(images)
@@ -683,8 +762,14 @@ def convert_chunk(chunk: Chunk, root: str, out: str, options: ConvertOptions) ->
     else:
         shutil.rmtree(output.join(part), ignore_errors=True)
         target = output.join(part)
-    writer = MDSWriter(out=target, columns=options.columns, size_limit=options.shard_size, progress_bar=False,
-                       exist_ok=False, keep_local=False)
+    writer = MDSWriter(
+        out=target,
+        columns=options.columns,
+        size_limit=options.shard_size,
+        progress_bar=False,
+        exist_ok=False,
+        keep_local=False,
+    )
     pending = 0
     try:
         for record in _records(chunk, root, options):
@@ -759,19 +844,25 @@ def _check_output(output: Output, plan: Plan, resume: bool, overwrite: bool) -> 
         return files
     if overwrite:
         if output.remote:
-            raise ConfigError(f"--overwrite: only for a local --out; delete {output.root} yourself or pick a new "
-                              "prefix")
+            raise ConfigError(
+                f"--overwrite: only for a local --out; delete {output.root} yourself or pick a new prefix"
+            )
         if PLAN not in files and INDEX not in files:  # never delete a directory that is not a dataset
-            raise ConfigError(f"--overwrite: {output.root} is not empty and is no MDS dataset; remove it yourself "
-                              "or choose another --out")
+            raise ConfigError(
+                f"--overwrite: {output.root} is not empty and is no MDS dataset; remove it yourself "
+                "or choose another --out"
+            )
         shutil.rmtree(output.root)
         return set()
     if PLAN not in files:
-        raise ConfigError(f"--out: {output.root} is not empty and holds no conversion ({PLAN}); pass --overwrite "
-                          "to replace it or choose another --out")
+        raise ConfigError(
+            f"--out: {output.root} is not empty and holds no conversion ({PLAN}); pass --overwrite "
+            "to replace it or choose another --out"
+        )
     if not resume:
-        raise ConfigError(f"--out: {output.root} holds a conversion; pass --resume to finish it (or --overwrite "
-                          "to start again)")
+        raise ConfigError(
+            f"--out: {output.root} holds a conversion; pass --resume to finish it (or --overwrite to start again)"
+        )
     try:
         previous = json.loads(output.read_text(PLAN))
     except json.JSONDecodeError:
@@ -781,10 +872,13 @@ def _check_output(output: Output, plan: Plan, resume: bool, overwrite: bool) -> 
     if "options" in differs:
         old, new = previous.get("options", {}), current["options"]
         differs = [d for d in differs if d != "options"] + sorted(
-            f"options.{k}" for k in set(old) | set(new) if old.get(k) != new.get(k))
+            f"options.{k}" for k in set(old) | set(new) if old.get(k) != new.get(k)
+        )
     if differs:
-        raise ConfigError(f"--resume: the conversion in {output.root} was made from other inputs or options "
-                          f"(differs: {', '.join(differs)}); rerun with the same flags or choose another --out")
+        raise ConfigError(
+            f"--resume: the conversion in {output.root} was made from other inputs or options "
+            f"(differs: {', '.join(differs)}); rerun with the same flags or choose another --out"
+        )
     return files
 
 
@@ -792,9 +886,15 @@ def _progress(enabled: bool) -> Any:
     """A rich progress bar over input images (rate and chunk count in the last text column)."""
     from rich import progress as rp
 
-    return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                       rp.TextColumn("{task.fields[rate]}"), rp.TimeElapsedColumn(), rp.TimeRemainingColumn(),
-                       disable=not enabled)
+    return rp.Progress(
+        rp.TextColumn("{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TextColumn("{task.fields[rate]}"),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
+        disable=not enabled,
+    )
 
 
 def convert(source: str, src: str | Path, out: str, opts: argparse.Namespace) -> ConvertSummary:
@@ -853,8 +953,10 @@ def convert(source: str, src: str | Path, out: str, opts: argparse.Namespace) ->
             else:
                 _run_pool(args, min(opts.workers, len(pending)), results, advance)
         except KeyboardInterrupt:
-            raise ConvertError(f"interrupted: {len(results)} of {len(plan.chunks)} chunks complete in "
-                               f"{output.root}; rerun with --resume to finish") from None
+            raise ConvertError(
+                f"interrupted: {len(results)} of {len(plan.chunks)} chunks complete in "
+                f"{output.root}; rerun with --resume to finish"
+            ) from None
     skipped = plan.skipped + [s for i in sorted(results) for s in results[i].skipped]
     manifest = "".join(json.dumps(s, sort_keys=True) + "\n" for s in skipped)
     output.write_text(MANIFEST, manifest)
@@ -866,9 +968,16 @@ def convert(source: str, src: str | Path, out: str, opts: argparse.Namespace) ->
     if samples == 0:
         raise ConvertError(f"no decodable image in {root} (every input was skipped: see {local_manifest})")
     output.write_text(INDEX, json.dumps(_merged_index(list(results.values())), sort_keys=True))
-    return ConvertSummary(out=output.root, samples=samples, skipped=len(skipped),
-                          reencoded=sum(r.reencoded for r in results.values()), chunks=len(plan.chunks),
-                          resumed=len(done), manifest=str(local_manifest), seconds=time.perf_counter() - started)
+    return ConvertSummary(
+        out=output.root,
+        samples=samples,
+        skipped=len(skipped),
+        reencoded=sum(r.reencoded for r in results.values()),
+        chunks=len(plan.chunks),
+        resumed=len(done),
+        manifest=str(local_manifest),
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _run_inline(args: list[tuple], results: dict[int, ChunkResult], advance: Callable[[int], None]) -> None:
@@ -883,8 +992,7 @@ def _run_inline(args: list[tuple], results: dict[int, ChunkResult], advance: Cal
         _report = previous
 
 
-def _run_pool(args: list[tuple], workers: int, results: dict[int, ChunkResult],
-              advance: Callable[[int], None]) -> None:
+def _run_pool(args: list[tuple], workers: int, results: dict[int, ChunkResult], advance: Callable[[int], None]) -> None:
     """Convert chunks in ``workers`` processes (forkserver: no fork of a threaded parent), reporting progress."""
     import queue as queue_module
 
@@ -906,8 +1014,10 @@ def _run_pool(args: list[tuple], workers: int, results: dict[int, ChunkResult],
                     results[index] = job.get()
                     advance(0)
                 except Exception as err:
-                    raise ConvertError(f"chunk {index} ({part_name(index)}) failed: {type(err).__name__}: {err}; "
-                                       "complete chunks are kept: rerun with --resume") from err
+                    raise ConvertError(
+                        f"chunk {index} ({part_name(index)}) failed: {type(err).__name__}: {err}; "
+                        "complete chunks are kept: rerun with --resume"
+                    ) from err
         while True:  # progress reported after the last result arrived
             try:
                 advance(updates.get_nowait())
@@ -947,43 +1057,81 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``data convert`` argument parser."""
-    parser = _Parser(prog="python -m lit_webssl data convert",
-                     description="Convert an image folder, webdataset tar shards or parquet files to MDS shards "
-                     "(local directory or object storage such as s3://bucket/prefix; credentials and endpoint come "
-                     "from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL).")
+    parser = _Parser(
+        prog="python -m lit_webssl data convert",
+        description="Convert an image folder, webdataset tar shards or parquet files to MDS shards "
+        "(local directory or object storage such as s3://bucket/prefix; credentials and endpoint come "
+        "from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL).",
+    )
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="input format")
-    parser.add_argument("--in", dest="src", required=True, metavar="SRC",
-                        help="input directory (searched recursively) or file")
-    parser.add_argument("--out", required=True, metavar="DST",
-                        help="output MDS dataset: a local directory or a URL (s3://, gs://, oci://, ...); point it "
-                        "at a split, e.g. data/mine/train")
-    parser.add_argument("--workers", type=int, default=_usable_cpus(),
-                        help="worker processes (default: the CPU count, %(default)s)")
-    parser.add_argument("--min-size", type=int, default=0, metavar="PX",
-                        help="skip images whose shorter side is below PX pixels (default: 0, keep all)")
-    parser.add_argument("--shard-size", default="64MiB", metavar="BYTES",
-                        help="largest MDS shard, in bytes or with a unit (64MiB, 256MB; default: %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=1000, metavar="N",
-                        help="images per unit of work for --from folder (a tar shard and a parquet row group are "
-                        "one unit each; default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="finish an interrupted conversion into --out (complete chunks are kept)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a local --out that holds an MDS dataset or a conversion")
-    parser.add_argument("--sidecar", metavar="FILE",
-                        help="--from folder: CSV/TSV (header row) or JSONL file with a path column (relative to "
-                        "--in) and caption and/or label columns")
-    parser.add_argument("--class-folders", action="store_true",
-                        help="--from folder: label = index of the top-level subfolder name among the sorted names "
-                        "(ImageFolder layout)")
+    parser.add_argument(
+        "--in", dest="src", required=True, metavar="SRC", help="input directory (searched recursively) or file"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DST",
+        help="output MDS dataset: a local directory or a URL (s3://, gs://, oci://, ...); point it "
+        "at a split, e.g. data/mine/train",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=_usable_cpus(), help="worker processes (default: the CPU count, %(default)s)"
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="skip images whose shorter side is below PX pixels (default: 0, keep all)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        default="64MiB",
+        metavar="BYTES",
+        help="largest MDS shard, in bytes or with a unit (64MiB, 256MB; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="images per unit of work for --from folder (a tar shard and a parquet row group are "
+        "one unit each; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="finish an interrupted conversion into --out (complete chunks are kept)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a local --out that holds an MDS dataset or a conversion"
+    )
+    parser.add_argument(
+        "--sidecar",
+        metavar="FILE",
+        help="--from folder: CSV/TSV (header row) or JSONL file with a path column (relative to "
+        "--in) and caption and/or label columns",
+    )
+    parser.add_argument(
+        "--class-folders",
+        action="store_true",
+        help="--from folder: label = index of the top-level subfolder name among the sorted names (ImageFolder layout)",
+    )
     parser.add_argument("--image-field", metavar="NAME", help="--from parquet: the image column (default: detected)")
-    parser.add_argument("--caption-field", metavar="NAME",
-                        help="caption field of the sidecar, wds json or parquet (default: caption, text, txt, ...)")
-    parser.add_argument("--label-field", metavar="NAME",
-                        help="label field of the sidecar, wds json or parquet (default: label, cls, class, ...)")
-    parser.add_argument("--manifest", metavar="FILE",
-                        help=f"local copy of the skipped-inputs list (always also written as <out>/{MANIFEST}; "
-                        f"default for a remote --out: ./{MANIFEST})")
+    parser.add_argument(
+        "--caption-field",
+        metavar="NAME",
+        help="caption field of the sidecar, wds json or parquet (default: caption, text, txt, ...)",
+    )
+    parser.add_argument(
+        "--label-field",
+        metavar="NAME",
+        help="label field of the sidecar, wds json or parquet (default: label, cls, class, ...)",
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help=f"local copy of the skipped-inputs list (always also written as <out>/{MANIFEST}; "
+        f"default for a remote --out: ./{MANIFEST})",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -991,8 +1139,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check the flags; bad ones raise ``ConfigError`` naming the flag."""
     opts = build_parser().parse_args(argv)
-    for flag, value, low in (("--workers", opts.workers, 1), ("--min-size", opts.min_size, 0),
-                             ("--chunk-size", opts.chunk_size, 1)):
+    for flag, value, low in (
+        ("--workers", opts.workers, 1),
+        ("--min-size", opts.min_size, 0),
+        ("--chunk-size", opts.chunk_size, 1),
+    ):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     try:
@@ -1021,8 +1172,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
         scheme = urllib.parse.urlparse(opts.out).scheme
         if scheme not in UPLOADERS:
-            raise ConfigError(f"--out: Streaming cannot write to {scheme}:// (schemes: "
-                              f"{', '.join(s for s in UPLOADERS if s and ':' not in s)})")
+            raise ConfigError(
+                f"--out: Streaming cannot write to {scheme}:// (schemes: "
+                f"{', '.join(s for s in UPLOADERS if s and ':' not in s)})"
+            )
     return opts
 
 
@@ -1035,7 +1188,9 @@ def main(argv: Sequence[str] | None = None) -> ConvertSummary:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     resumed = f", {summary.resumed} of them kept from an earlier run" if summary.resumed else ""
-    print(f"converted {summary.samples} images ({summary.reencoded} re-encoded) in {summary.chunks} chunks"
-          f"{resumed} to {summary.out} in {summary.seconds:.1f} s; skipped {summary.skipped} "
-          f"(manifest: {summary.manifest})")
+    print(
+        f"converted {summary.samples} images ({summary.reencoded} re-encoded) in {summary.chunks} chunks"
+        f"{resumed} to {summary.out} in {summary.seconds:.1f} s; skipped {summary.skipped} "
+        f"(manifest: {summary.manifest})"
+    )
     return summary

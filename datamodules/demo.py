@@ -26,10 +26,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "polka dots",
-           "concentric rings", "grid", "zigzag", "blotches", "crosses")
-HUE_NAMES = ((0.04, "red"), (0.11, "orange"), (0.19, "yellow"), (0.45, "green"), (0.53, "cyan"), (0.71, "blue"),
-             (0.81, "purple"), (0.95, "pink"), (1.01, "red"))
+CLASSES = (
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "checkerboard",
+    "polka dots",
+    "concentric rings",
+    "grid",
+    "zigzag",
+    "blotches",
+    "crosses",
+)
+HUE_NAMES = (
+    (0.04, "red"),
+    (0.11, "orange"),
+    (0.19, "yellow"),
+    (0.45, "green"),
+    (0.53, "cyan"),
+    (0.71, "blue"),
+    (0.81, "purple"),
+    (0.95, "pink"),
+    (1.01, "red"),
+)
 SPLITS = (("train", 0), ("val", 1))
 SHARD_BYTES = 1 << 23
 NOISE_STD = (2.0, 10.0)  # range of the per-image sensor noise, in 8-bit levels
@@ -179,8 +198,14 @@ def _is_complete(out: Path, meta: dict) -> bool:
         return False
 
 
-def build_demo_dataset(out: str | Path = "data/demo", n_train: int = 10000, n_val: int = 2000,
-                       image_size: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
+def build_demo_dataset(
+    out: str | Path = "data/demo",
+    n_train: int = 10000,
+    n_val: int = 2000,
+    image_size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write the demo set: ``<out>/train`` and ``<out>/val`` (MDS shards) and ``<out>/classes.json``.
 
     Balanced classes, deterministic given the arguments. A complete build with the same arguments is kept
@@ -210,8 +235,9 @@ def build_demo_dataset(out: str | Path = "data/demo", n_train: int = 10000, n_va
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for split, stream in SPLITS:
-        _write_split(partial / split, n_train if split == "train" else n_val, image_size,
-                     np.random.default_rng([seed, stream]))
+        _write_split(
+            partial / split, n_train if split == "train" else n_val, image_size, np.random.default_rng([seed, stream])
+        )
     (partial / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -225,25 +251,174 @@ def build_demo_dataset(out: str | Path = "data/demo", n_train: int = 10000, n_va
 
 TEXT_TRUTHS = ("none", "light", "heavy")
 """Truth classes of the text set: no text; a few words (signs, captions, stamps); documents, charts and tables."""
-TEXT_FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-                   "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf")
+TEXT_FONT_FILES = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+)
 """The TrueType fonts of Debian's ``fonts-dejavu-core``; Pillow's built-in font stands in when none is installed."""
-TEXT_FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/usr/share/fonts/TTF",
-                  "/Library/Fonts", "C:/Windows/Fonts")
+TEXT_FONT_DIRS = (
+    "/usr/share/fonts/truetype/dejavu",
+    "/usr/share/fonts/dejavu",
+    "/usr/share/fonts/TTF",
+    "/Library/Fonts",
+    "C:/Windows/Fonts",
+)
 WORDS = (
-    "open", "sale", "coffee", "hotel", "market", "station", "north", "exit", "welcome", "garden", "river", "summer",
-    "winter", "city", "museum", "bakery", "pizza", "books", "music", "street", "park", "school", "library", "office",
-    "parking", "only", "free", "new", "fresh", "daily", "special", "menu", "price", "total", "report", "annual",
-    "growth", "revenue", "sales", "model", "data", "results", "table", "figure", "value", "error", "mean", "score",
-    "method", "system", "energy", "water", "health", "travel", "design", "light", "house", "green", "blue", "red",
-    "great", "happy", "love", "home", "team", "world", "night", "morning", "village", "bridge", "harbor", "island",
-    "forest", "mountain", "valley", "road", "avenue", "square", "center", "public", "service", "police", "airport",
-    "train", "ticket", "gate", "platform", "departure", "arrival", "delay", "closed", "caution", "danger", "stop",
-    "slow", "left", "right", "beach", "festival", "concert", "theatre", "cinema", "shop", "store", "bank", "post",
-    "pharmacy", "doctor", "clinic", "kitchen", "recipe", "sugar", "flour", "butter", "salt", "apple", "orange",
-    "lemon", "bread", "cheese", "wine", "beer", "tea", "lunch", "dinner", "breakfast", "monday", "friday", "sunday",
-    "january", "april", "october", "quarter", "budget", "profit", "cost", "index", "region", "country", "number",
-    "section", "chapter", "page", "summary", "analysis", "study", "sample", "group", "control", "effect", "change",
+    "open",
+    "sale",
+    "coffee",
+    "hotel",
+    "market",
+    "station",
+    "north",
+    "exit",
+    "welcome",
+    "garden",
+    "river",
+    "summer",
+    "winter",
+    "city",
+    "museum",
+    "bakery",
+    "pizza",
+    "books",
+    "music",
+    "street",
+    "park",
+    "school",
+    "library",
+    "office",
+    "parking",
+    "only",
+    "free",
+    "new",
+    "fresh",
+    "daily",
+    "special",
+    "menu",
+    "price",
+    "total",
+    "report",
+    "annual",
+    "growth",
+    "revenue",
+    "sales",
+    "model",
+    "data",
+    "results",
+    "table",
+    "figure",
+    "value",
+    "error",
+    "mean",
+    "score",
+    "method",
+    "system",
+    "energy",
+    "water",
+    "health",
+    "travel",
+    "design",
+    "light",
+    "house",
+    "green",
+    "blue",
+    "red",
+    "great",
+    "happy",
+    "love",
+    "home",
+    "team",
+    "world",
+    "night",
+    "morning",
+    "village",
+    "bridge",
+    "harbor",
+    "island",
+    "forest",
+    "mountain",
+    "valley",
+    "road",
+    "avenue",
+    "square",
+    "center",
+    "public",
+    "service",
+    "police",
+    "airport",
+    "train",
+    "ticket",
+    "gate",
+    "platform",
+    "departure",
+    "arrival",
+    "delay",
+    "closed",
+    "caution",
+    "danger",
+    "stop",
+    "slow",
+    "left",
+    "right",
+    "beach",
+    "festival",
+    "concert",
+    "theatre",
+    "cinema",
+    "shop",
+    "store",
+    "bank",
+    "post",
+    "pharmacy",
+    "doctor",
+    "clinic",
+    "kitchen",
+    "recipe",
+    "sugar",
+    "flour",
+    "butter",
+    "salt",
+    "apple",
+    "orange",
+    "lemon",
+    "bread",
+    "cheese",
+    "wine",
+    "beer",
+    "tea",
+    "lunch",
+    "dinner",
+    "breakfast",
+    "monday",
+    "friday",
+    "sunday",
+    "january",
+    "april",
+    "october",
+    "quarter",
+    "budget",
+    "profit",
+    "cost",
+    "index",
+    "region",
+    "country",
+    "number",
+    "section",
+    "chapter",
+    "page",
+    "summary",
+    "analysis",
+    "study",
+    "sample",
+    "group",
+    "control",
+    "effect",
+    "change",
 )
 """English words drawn on the text set's images."""
 
@@ -287,24 +462,33 @@ def _words(rng: np.random.Generator, n: int) -> str:
     return " ".join(WORDS[int(i)] for i in rng.integers(len(WORDS), size=n))
 
 
-def _text_layer(text: str, font: ImageFont.FreeTypeFont, fill: tuple, stroke: int = 0,
-                stroke_fill: tuple = (0, 0, 0)) -> Image.Image:
+def _text_layer(
+    text: str, font: ImageFont.FreeTypeFont, fill: tuple, stroke: int = 0, stroke_fill: tuple = (0, 0, 0)
+) -> Image.Image:
     """``text`` drawn on a transparent RGBA layer just large enough to hold it."""
     left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
     layer = Image.new("RGBA", (right - left + 4, bottom - top + 4), (0, 0, 0, 0))
-    ImageDraw.Draw(layer).text((2 - left, 2 - top), text, font=font, fill=fill, stroke_width=stroke,
-                               stroke_fill=stroke_fill)
+    ImageDraw.Draw(layer).text(
+        (2 - left, 2 - top), text, font=font, fill=fill, stroke_width=stroke, stroke_fill=stroke_fill
+    )
     return layer
 
 
-def _paste(canvas: Image.Image, layer: Image.Image, rng: np.random.Generator, angle: float = 0.0,
-           at: tuple[int, int] | None = None) -> None:
+def _paste(
+    canvas: Image.Image,
+    layer: Image.Image,
+    rng: np.random.Generator,
+    angle: float = 0.0,
+    at: tuple[int, int] | None = None,
+) -> None:
     """Paste an RGBA ``layer`` (rotated by ``angle`` degrees) at ``at`` or at a random place that keeps it inside."""
     if angle:
         layer = layer.rotate(angle, resample=Image.BICUBIC, expand=True)
     if at is None:
-        at = (int(rng.integers(0, max(canvas.width - layer.width, 0) + 1)),
-              int(rng.integers(0, max(canvas.height - layer.height, 0) + 1)))
+        at = (
+            int(rng.integers(0, max(canvas.width - layer.width, 0) + 1)),
+            int(rng.integers(0, max(canvas.height - layer.height, 0) + 1)),
+        )
     canvas.paste(layer, at, layer)
 
 
@@ -350,8 +534,13 @@ def _clutter(rng: np.random.Generator, size: int) -> Image.Image:
             draw.line((x, y, x + w * rng.uniform(-1, 1), y + h), fill=fill, width=int(rng.integers(1, 3)))
         else:
             start = float(rng.uniform(0, 360))
-            draw.arc((x, y, x + w, y + h), start, start + float(rng.uniform(90, 300)), fill=fill,
-                     width=int(rng.integers(1, 3)))
+            draw.arc(
+                (x, y, x + w, y + h),
+                start,
+                start + float(rng.uniform(90, 300)),
+                fill=fill,
+                width=int(rng.integers(1, 3)),
+            )
     return canvas
 
 
@@ -399,16 +588,30 @@ def _light_text(rng: np.random.Generator, canvas: Image.Image) -> tuple[str, str
             font = _font(rng, rng.uniform(14, 30) * scale)
             outline = int(rng.uniform() < 0.5)
             fill = _ink_for(rng, pixels.mean((0, 1)))
-            _paste(canvas, _text_layer(word, font, fill, stroke=outline * max(int(scale), 1),
-                                       stroke_fill=(0, 0, 0) if _luma(fill) > 128 else (255, 255, 255)),
-                   rng, angle=rng.uniform(-25, 25))
+            _paste(
+                canvas,
+                _text_layer(
+                    word,
+                    font,
+                    fill,
+                    stroke=outline * max(int(scale), 1),
+                    stroke_fill=(0, 0, 0) if _luma(fill) > 128 else (255, 255, 255),
+                ),
+                rng,
+                angle=rng.uniform(-25, 25),
+            )
     else:
-        text = ("(c) " if rng.uniform() < 0.5 else "") + _words(rng, int(rng.integers(1, 3))) + \
-            f" {int(rng.integers(1990, 2026))}"
+        text = (
+            ("(c) " if rng.uniform() < 0.5 else "")
+            + _words(rng, int(rng.integers(1, 3)))
+            + f" {int(rng.integers(1990, 2026))}"
+        )
         font = _font(rng, rng.uniform(11, 15) * scale)
         layer = _text_layer(text, font, _ink_for(rng, pixels.mean((0, 1))) + (230,))
-        corner = (int(rng.integers(2)) * max(size - layer.width - 4, 0) + 2,
-                  int(rng.integers(2)) * max(size - layer.height - 4, 0) + 2)
+        corner = (
+            int(rng.integers(2)) * max(size - layer.width - 4, 0) + 2,
+            int(rng.integers(2)) * max(size - layer.height - 4, 0) + 2,
+        )
         _paste(canvas, layer, rng, at=corner)
     return kind, text
 
@@ -519,8 +722,11 @@ def _line_chart(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
         draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=colour, width=max(int(2 * size / 224), 1))
         name = WORDS[int(rng.integers(len(WORDS)))]
         y = box[1] + 2 + s * font.size * 1.3
-        draw.line((box[2] - 60 * size / 224, y + font.size / 2, box[2] - 50 * size / 224, y + font.size / 2),
-                  fill=colour, width=2)
+        draw.line(
+            (box[2] - 60 * size / 224, y + font.size / 2, box[2] - 50 * size / 224, y + font.size / 2),
+            fill=colour,
+            width=2,
+        )
         draw.text((box[2] - 46 * size / 224, y), name, font=font, fill=ink)
         texts.append(name)
     return canvas, " ".join(texts)
@@ -553,8 +759,9 @@ def _table(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
                 cell = f"{rng.uniform(0, 1000):.{int(rng.integers(0, 3))}f}"
             while font.getlength(cell) > col_w - 4 and len(cell) > 2:
                 cell = cell[:-1]
-            draw.text((margin + c * col_w + 3, y + (row_h - font.size) / 2), cell, font=head if r == 0 else font,
-                      fill=ink)
+            draw.text(
+                (margin + c * col_w + 3, y + (row_h - font.size) / 2), cell, font=head if r == 0 else font, fill=ink
+            )
             texts.append(cell)
         if grid or r == 0:
             draw.line((margin, y + row_h, size - margin, y + row_h), fill=ink, width=1)
@@ -610,12 +817,25 @@ def _write_text_split(path: Path, n: int, size: int, rng: np.random.Generator) -
     with MDSWriter(out=str(path), columns=columns, size_limit=SHARD_BYTES, progress_bar=False) as writer:
         for label in truths.tolist():
             picture, caption, content = render_text_image(TEXT_TRUTHS[label], rng, size)
-            writer.write({"image": _encode(picture), "label": label, "caption": caption,
-                          "text_truth": TEXT_TRUTHS[label], "text_content": content})
+            writer.write(
+                {
+                    "image": _encode(picture),
+                    "label": label,
+                    "caption": caption,
+                    "text_truth": TEXT_TRUTHS[label],
+                    "text_content": content,
+                }
+            )
 
 
-def build_text_dataset(out: str | Path = "data/demo_text", n_train: int = 300, n_val: int = 300,
-                       image_size: int = 224, seed: int = 0, overwrite: bool = False) -> Path:
+def build_text_dataset(
+    out: str | Path = "data/demo_text",
+    n_train: int = 300,
+    n_val: int = 300,
+    image_size: int = 224,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write the text-density demo set: ``<out>/{train,val}`` (MDS) and ``<out>/classes.json``.
 
     Columns: ``image``, ``label`` (index into :data:`TEXT_TRUTHS`), ``caption``, ``text_truth`` (``none``,
@@ -638,8 +858,15 @@ def build_text_dataset(out: str | Path = "data/demo_text", n_train: int = 300, n
         FileExistsError: ``out`` holds something other than a demo build and ``overwrite`` is false.
     """
     out = Path(out)
-    meta = {"classes": list(TEXT_TRUTHS), "kind": "text", "n_train": n_train, "n_val": n_val,
-            "image_size": image_size, "seed": seed, "fonts": [Path(f).name for f in text_fonts()] or ["pillow"]}
+    meta = {
+        "classes": list(TEXT_TRUTHS),
+        "kind": "text",
+        "n_train": n_train,
+        "n_val": n_val,
+        "image_size": image_size,
+        "seed": seed,
+        "fonts": [Path(f).name for f in text_fonts()] or ["pillow"],
+    }
     if not overwrite and _is_complete(out, meta):
         print(f"demo text set already complete at {out} (pass --overwrite to rebuild)")
         return out
@@ -650,8 +877,12 @@ def build_text_dataset(out: str | Path = "data/demo_text", n_train: int = 300, n
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for split, stream in SPLITS:
-        _write_text_split(partial / split, n_train if split == "train" else n_val, image_size,
-                          np.random.default_rng([seed, stream, 1]))
+        _write_text_split(
+            partial / split,
+            n_train if split == "train" else n_val,
+            image_size,
+            np.random.default_rng([seed, stream, 1]),
+        )
     (partial / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -663,22 +894,40 @@ def build_text_dataset(out: str | Path = "data/demo_text", n_train: int = 300, n
 def main(argv: list[str] | None = None) -> Path:
     """``python -m lit_webssl data demo [--out DIR] [--train N] [--val N] [--size PX] [--seed S] [--overwrite]
     [--text-set]``."""
-    parser = argparse.ArgumentParser(prog="python -m lit_webssl data demo",
-                                     description="Build the procedurally drawn demo dataset as MDS shards.")
-    parser.add_argument("--out", default=None, help="output directory (default: data/demo; data/demo_text with "
-                        "--text-set)")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_webssl data demo", description="Build the procedurally drawn demo dataset as MDS shards."
+    )
+    parser.add_argument(
+        "--out", default=None, help="output directory (default: data/demo; data/demo_text with --text-set)"
+    )
     parser.add_argument("--train", type=int, default=None, help="training images (default: 10000; 300 with --text-set)")
     parser.add_argument("--val", type=int, default=None, help="validation images (default: 2000; 300 with --text-set)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels (default: 64; 224 with --text-set)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side in pixels (default: 64; 224 with --text-set)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if a complete build exists")
-    parser.add_argument("--text-set", action="store_true",
-                        help="build the text-density set instead (no text / some text / documents, charts, tables, "
-                        "with a text_truth column), for `data filter`")
+    parser.add_argument(
+        "--text-set",
+        action="store_true",
+        help="build the text-density set instead (no text / some text / documents, charts, tables, "
+        "with a text_truth column), for `data filter`",
+    )
     args = parser.parse_args(argv)
     if args.text_set:
-        return build_text_dataset(args.out or "data/demo_text", 300 if args.train is None else args.train,
-                                  300 if args.val is None else args.val, args.size or 224, args.seed, args.overwrite)
-    return build_demo_dataset(args.out or "data/demo", 10000 if args.train is None else args.train,
-                              2000 if args.val is None else args.val, args.size or 64, args.seed, args.overwrite)
+        return build_text_dataset(
+            args.out or "data/demo_text",
+            300 if args.train is None else args.train,
+            300 if args.val is None else args.val,
+            args.size or 224,
+            args.seed,
+            args.overwrite,
+        )
+    return build_demo_dataset(
+        args.out or "data/demo",
+        10000 if args.train is None else args.train,
+        2000 if args.val is None else args.val,
+        args.size or 64,
+        args.seed,
+        args.overwrite,
+    )

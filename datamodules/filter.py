@@ -123,8 +123,14 @@ class ClassicalScorer(TextScorer):
 
     name = "classical"
 
-    def __init__(self, max_side: int = 1024, min_height: int = 6, max_height: float = 0.3, max_stroke: float = 0.45,
-                 max_gap: float = 0.6) -> None:
+    def __init__(
+        self,
+        max_side: int = 1024,
+        min_height: int = 6,
+        max_height: float = 0.3,
+        max_stroke: float = 0.45,
+        max_gap: float = 0.6,
+    ) -> None:
         try:
             import cv2  # noqa: F401
         except ImportError as err:
@@ -161,7 +167,7 @@ class ClassicalScorer(TextScorer):
         unique = np.ones(len(found), dtype=bool)
         for i in range(len(found)):  # MSER reports a stroke at several levels: keep the largest box per place
             if unique[i]:
-                unique[i + 1:] &= ~near[i, i + 1:]
+                unique[i + 1 :] &= ~near[i, i + 1 :]
         found = [box for box, u in zip(found, unique, strict=True) if u]
         return np.array(found, dtype=np.float64).reshape(-1, 5)
 
@@ -183,8 +189,11 @@ class ClassicalScorer(TextScorer):
                 if xj > xi + wi + self.max_gap * tall:
                     break
                 gap = xj - (xi + wi)
-                if (0.6 <= hj / hi <= 1.6 and abs(yi + hi / 2 - yj - hj / 2) <= 0.4 * tall
-                        and -0.3 * min(wi, wj) <= gap <= self.max_gap * tall):
+                if (
+                    0.6 <= hj / hi <= 1.6
+                    and abs(yi + hi / 2 - yj - hj / 2) <= 0.4 * tall
+                    and -0.3 * min(wi, wj) <= gap <= self.max_gap * tall
+                ):
                     parent[root(j)] = root(i)
         groups: dict[int, list[int]] = {}
         for i in range(len(chars)):
@@ -206,8 +215,9 @@ class ClassicalScorer(TextScorer):
         gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
         if max(gray.shape) > self.max_side:
             factor = self.max_side / max(gray.shape)
-            gray = cv2.resize(gray, (round(gray.shape[1] * factor), round(gray.shape[0] * factor)),
-                              interpolation=cv2.INTER_AREA)
+            gray = cv2.resize(
+                gray, (round(gray.shape[1] * factor), round(gray.shape[0] * factor)), interpolation=cv2.INTER_AREA
+            )
         words = self.words(self.characters(gray))
         return {"light": float(sum(len(w) for w in words)), "heavy": float(len(words))}
 
@@ -237,12 +247,21 @@ class OCRScorer(TextScorer):
 
     name = "ocr"
 
-    def __init__(self, binary: str = "tesseract", lang: str = "eng", psm: int = 11, min_conf: float = 60.0,
-                 min_side: int = 448, timeout: float = 120.0, prescreen: bool = True) -> None:
+    def __init__(
+        self,
+        binary: str = "tesseract",
+        lang: str = "eng",
+        psm: int = 11,
+        min_conf: float = 60.0,
+        min_side: int = 448,
+        timeout: float = 120.0,
+        prescreen: bool = True,
+    ) -> None:
         path = shutil.which(binary)
         if path is None:
-            raise ConfigError(f"--scorer ocr needs the {binary!r} binary on PATH (Debian/Ubuntu: apt-get install "
-                              "tesseract-ocr)")
+            raise ConfigError(
+                f"--scorer ocr needs the {binary!r} binary on PATH (Debian/Ubuntu: apt-get install tesseract-ocr)"
+            )
         self.command = [path, "stdin", "stdout", "--psm", str(psm), "-l", lang, "tsv"]
         self.min_conf, self.min_side, self.timeout = min_conf, min_side, timeout
         self._env = {**os.environ, "OMP_THREAD_LIMIT": "1"}  # one core per process: --workers sets the parallelism
@@ -257,8 +276,9 @@ class OCRScorer(TextScorer):
         picture = ImageOps.expand(picture, border=max(round(10 * factor), 10), fill=(255, 255, 255))
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", compress_level=1)
-        done = subprocess.run(self.command, input=buffer.getvalue(), capture_output=True, env=self._env,
-                              timeout=self.timeout, check=False)
+        done = subprocess.run(
+            self.command, input=buffer.getvalue(), capture_output=True, env=self._env, timeout=self.timeout, check=False
+        )
         if done.returncode != 0:
             message = done.stderr.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"tesseract exited with {done.returncode}: {message[-1] if message else ''}")
@@ -301,19 +321,28 @@ class VLMScorer(TextScorer):
     name = "vlm"
     batched = True
 
-    def __init__(self, model_path: str | Path, device: str = "auto", batch_size: int = 8,
-                 image_splitting: bool = True, prompts: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        batch_size: int = 8,
+        image_splitting: bool = True,
+        prompts: dict[str, str] | None = None,
+    ) -> None:
         try:
             import torch
             from transformers import AutoModelForImageTextToText, AutoProcessor
         except ImportError as err:
-            raise ConfigError(f"--vlm-model: the VLM scorer needs transformers ({err}); pip install transformers"
-                              ) from err
+            raise ConfigError(
+                f"--vlm-model: the VLM scorer needs transformers ({err}); pip install transformers"
+            ) from err
         path = Path(model_path).expanduser()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"--vlm-model: {path} is not a local model directory (no config.json); download the "
-                              "weights first, e.g. huggingface-cli download HuggingFaceTB/SmolVLM2-2.2B-Instruct "
-                              f"--local-dir {path}")
+            raise ConfigError(
+                f"--vlm-model: {path} is not a local model directory (no config.json); download the "
+                "weights first, e.g. huggingface-cli download HuggingFaceTB/SmolVLM2-2.2B-Instruct "
+                f"--local-dir {path}"
+            )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -321,11 +350,14 @@ class VLMScorer(TextScorer):
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
         except ImportError as err:  # e.g. SmolVLM's processor needs num2words
-            raise ConfigError(f"--vlm-model: loading {path} needs a missing package ({_first_line(err)}); "
-                              "pip install 'lit_webssl[vlm]'") from err
+            raise ConfigError(
+                f"--vlm-model: loading {path} needs a missing package ({_first_line(err)}); "
+                "pip install 'lit_webssl[vlm]'"
+            ) from err
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"--vlm-model: cannot load a model and processor from {path}: {_first_line(err)}"
-                              ) from err
+            raise ConfigError(
+                f"--vlm-model: cannot load a model and processor from {path}: {_first_line(err)}"
+            ) from err
         self.model.to(device).eval()
         self.device, self.batch_size = device, batch_size
         image_processor = getattr(self.processor, "image_processor", None)
@@ -342,8 +374,11 @@ class VLMScorer(TextScorer):
         self._keep_last, self._positions = "logits_to_keep" in forward, "position_ids" in forward
 
     def _first_token_ids(self, words: Sequence[str]) -> list[int]:
-        ids = {self.tokenizer.encode(word, add_special_tokens=False)[0] for word in words
-               if self.tokenizer.encode(word, add_special_tokens=False)}
+        ids = {
+            self.tokenizer.encode(word, add_special_tokens=False)[0]
+            for word in words
+            if self.tokenizer.encode(word, add_special_tokens=False)
+        }
         unknown = getattr(self.tokenizer, "unk_token_id", None)
         return sorted(i for i in ids if i != unknown)
 
@@ -361,8 +396,12 @@ class VLMScorer(TextScorer):
         import torch
 
         pictures = [Image.fromarray(image) for image in images]
-        inputs = self.processor(text=[self.prompts[level]] * len(pictures), images=[[p] for p in pictures],
-                                return_tensors="pt", padding=True)
+        inputs = self.processor(
+            text=[self.prompts[level]] * len(pictures),
+            images=[[p] for p in pictures],
+            return_tensors="pt",
+            padding=True,
+        )
         inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -380,7 +419,7 @@ class VLMScorer(TextScorer):
         out: list[dict[str, float]] = [{} for _ in images]
         for level in levels:
             for start in range(0, len(images), self.batch_size):
-                batch = images[start:start + self.batch_size]
+                batch = images[start : start + self.batch_size]
                 for k, p in enumerate(self.yes_probability(batch, level)):
                     out[start + k][level] = p
         return out
@@ -428,8 +467,9 @@ def find_splits(root: Path) -> list[str]:
     subdirectories that hold an ``index.json``."""
     if (root / "index.json").is_file():
         return [""]
-    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "index.json").is_file()) \
-        if root.is_dir() else []
+    splits = (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "index.json").is_file()) if root.is_dir() else []
+    )
     if not splits:
         raise ConfigError(f"--in: {root} holds no MDS dataset (no index.json there or in a split subdirectory)")
     return splits
@@ -445,8 +485,10 @@ def read_index(split_dir: Path) -> list[dict[str, Any]]:
     for info in shards:
         if info.get("format") != "mds":
             raise ConfigError(f"--in: {index} lists a {info.get('format')!r} shard; only MDS shards are filtered")
-        if (info["column_names"], info["column_encodings"]) != (shards[0]["column_names"],
-                                                                 shards[0]["column_encodings"]):
+        if (info["column_names"], info["column_encodings"]) != (
+            shards[0]["column_names"],
+            shards[0]["column_encodings"],
+        ):
             raise ConfigError(f"--in: the shards of {index} do not share one column layout")
     return shards
 
@@ -477,11 +519,12 @@ def iter_samples(split_dir: Path, shards: list[dict[str, Any]]) -> Iterator[dict
             for name, size in zip(names, sizes, strict=True):
                 if size is None:
                     size, var = head[var], var + 1
-                sample[name] = data[pos:pos + size]
+                sample[name] = data[pos : pos + size]
                 pos += size
             if pos != end:
-                raise ConfigError(f"--in: a sample of {split_dir / info['raw_data']['basename']} does not match "
-                                  "its column layout")
+                raise ConfigError(
+                    f"--in: a sample of {split_dir / info['raw_data']['basename']} does not match its column layout"
+                )
             yield sample
 
 
@@ -500,9 +543,14 @@ def _mds_writer(out: Path, columns: dict[str, str], raw: set[str], info: dict[st
                 data.append(datum)
             return np.array(sizes, np.uint32).tobytes() + b"".join(data)
 
-    return PassThroughWriter(out=str(out), columns=columns, compression=info.get("compression"),
-                             hashes=info.get("hashes") or None, size_limit=info.get("size_limit") or 1 << 26,
-                             progress_bar=False)
+    return PassThroughWriter(
+        out=str(out),
+        columns=columns,
+        compression=info.get("compression"),
+        hashes=info.get("hashes") or None,
+        size_limit=info.get("size_limit") or 1 << 26,
+        progress_bar=False,
+    )
 
 
 def decode_rgb(data: bytes, encoding: str) -> np.ndarray:
@@ -538,8 +586,9 @@ def _score_encoded(data: bytes, encoding: str) -> dict[str, float] | None:
     return None if image is None else _WORKER_SCORER[0].score_one(image)
 
 
-def score_encoded(scorer: TextScorer, data: Sequence[bytes], encoding: str, levels: Sequence[str],
-                  pool: Executor | None = None) -> list[dict[str, float] | None]:
+def score_encoded(
+    scorer: TextScorer, data: Sequence[bytes], encoding: str, levels: Sequence[str], pool: Executor | None = None
+) -> list[dict[str, float] | None]:
     """Decode and score encoded images: in ``pool``'s worker processes (set up by :func:`scorer_pool`) when given,
     else here; a batched scorer (the VLM) scores here in batches. ``None`` marks an undecodable image."""
     if pool is not None and not scorer.batched:
@@ -564,8 +613,7 @@ def scorer_pool(scorer: TextScorer, workers: int) -> Executor | None:
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
-                               initargs=(scorer,))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker, initargs=(scorer,))
 
 
 def decide(scores: dict[str, float], thresholds: dict[str, float]) -> str:
@@ -576,9 +624,16 @@ def decide(scores: dict[str, float], thresholds: dict[str, float]) -> str:
     return "none"
 
 
-def filter_split(src: Path, dst: Path, scorer: TextScorer, keep: str, thresholds: dict[str, float],
-                 pool: Executor | None, image_key: str = "image", truth_key: str | None = "text_truth"
-                 ) -> dict[str, Any]:
+def filter_split(
+    src: Path,
+    dst: Path,
+    scorer: TextScorer,
+    keep: str,
+    thresholds: dict[str, float],
+    pool: Executor | None,
+    image_key: str = "image",
+    truth_key: str | None = "text_truth",
+) -> dict[str, Any]:
     """Filter one MDS split ``src`` into ``dst``; returns its counts (and precision/recall against ``truth_key``).
 
     Args:
@@ -599,8 +654,9 @@ def filter_split(src: Path, dst: Path, scorer: TextScorer, keep: str, thresholds
     names, encodings = shards[0]["column_names"], shards[0]["column_encodings"]
     columns = dict(zip(names, encodings, strict=True))
     if image_key not in columns:
-        raise ConfigError(f"--image-key: {src / 'index.json'} has no column {image_key!r} (columns: "
-                          f"{', '.join(names)})")
+        raise ConfigError(
+            f"--image-key: {src / 'index.json'} has no column {image_key!r} (columns: {', '.join(names)})"
+        )
     truth_key = truth_key if truth_key in columns and columns[truth_key] == "str" else None
     levels = list(LEVELS) if scorer.name != "vlm" else [keep]
     raw = set(columns) - set(SCORE_COLUMNS)
@@ -622,22 +678,38 @@ def filter_split(src: Path, dst: Path, scorer: TextScorer, keep: str, thresholds
                     counts[("tp" if positive else "fp") if keep_it else ("fn" if positive else "tn")] += 1
                 if keep_it:
                     kept += 1
-                    writer.write({**{k: sample[k] for k in raw}, "text_score": float(score[keep]),
-                                  "text_level": level})
+                    writer.write({**{k: sample[k] for k in raw}, "text_score": float(score[keep]), "text_level": level})
     seconds = time.perf_counter() - start
-    summary: dict[str, Any] = {"samples": total, "kept": kept, "kept_fraction": kept / max(total, 1),
-                               "undecodable": undecodable, "seconds": round(seconds, 3),
-                               "images_per_s": round(total / max(seconds, 1e-9), 2)}
+    summary: dict[str, Any] = {
+        "samples": total,
+        "kept": kept,
+        "kept_fraction": kept / max(total, 1),
+        "undecodable": undecodable,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(total / max(seconds, 1e-9), 2),
+    }
     if truth_key:
         tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-        summary.update(truth_key=truth_key, precision=tp / (tp + fp) if tp + fp else math.nan,
-                       recall=tp / (tp + fn) if tp + fn else math.nan, **counts)
+        summary.update(
+            truth_key=truth_key,
+            precision=tp / (tp + fp) if tp + fp else math.nan,
+            recall=tp / (tp + fn) if tp + fn else math.nan,
+            **counts,
+        )
     return summary
 
 
-def filter_dataset(src: str | Path, dst: str | Path, keep: str, scorer: TextScorer | str | None = None,
-                   threshold: float | None = None, workers: int = 1, image_key: str = "image",
-                   truth_key: str | None = "text_truth", overwrite: bool = False) -> dict[str, Any]:
+def filter_dataset(
+    src: str | Path,
+    dst: str | Path,
+    keep: str,
+    scorer: TextScorer | str | None = None,
+    threshold: float | None = None,
+    workers: int = 1,
+    image_key: str = "image",
+    truth_key: str | None = "text_truth",
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Score every image of the MDS dataset ``src`` and write those kept for ``keep`` to ``dst`` (same layout).
 
     The output is built in ``<dst>.partial`` and renamed when complete; ``<dst>/filter.json`` holds the returned
@@ -678,20 +750,30 @@ def filter_dataset(src: str | Path, dst: str | Path, keep: str, scorer: TextScor
     if not src.is_dir():
         raise ConfigError(f"--in: {src} is not a directory")
     splits = find_splits(src)
-    if src.resolve() == dst.resolve() or {src.resolve(), dst.resolve()} & {*src.resolve().parents,
-                                                                           *dst.resolve().parents}:
+    if src.resolve() == dst.resolve() or {src.resolve(), dst.resolve()} & {
+        *src.resolve().parents,
+        *dst.resolve().parents,
+    }:
         raise ConfigError(f"--out: {dst} and --in {src} must not contain one another")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         if not overwrite:
             raise ConfigError(f"--out: {dst} exists and is not empty; pass --overwrite to replace it")
         if not (dst / SUMMARY).is_file():
-            raise ConfigError(f"--out: {dst} is not the output of an earlier filter (no {SUMMARY}); --overwrite "
-                              "replaces only those, remove it yourself")
+            raise ConfigError(
+                f"--out: {dst} is not the output of an earlier filter (no {SUMMARY}); --overwrite "
+                "replaces only those, remove it yourself"
+            )
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    summary: dict[str, Any] = {"source": str(src), "keep": keep, "scorer": scorer.name, "thresholds": thresholds,
-                               "columns": SCORE_COLUMNS, "splits": {}}
+    summary: dict[str, Any] = {
+        "source": str(src),
+        "keep": keep,
+        "scorer": scorer.name,
+        "thresholds": thresholds,
+        "columns": SCORE_COLUMNS,
+        "splits": {},
+    }
     pool = scorer_pool(scorer, workers)
     try:
         for split in splits:
@@ -713,8 +795,10 @@ def filter_dataset(src: str | Path, dst: str | Path, keep: str, scorer: TextScor
 
 
 def _describe(split: str, r: dict[str, Any]) -> str:
-    line = (f"{split}: kept {r['kept']} of {r['samples']} ({100 * r['kept_fraction']:.1f} %) in {r['seconds']:.1f} s "
-            f"({r['images_per_s']:.1f} images/s)")
+    line = (
+        f"{split}: kept {r['kept']} of {r['samples']} ({100 * r['kept_fraction']:.1f} %) in {r['seconds']:.1f} s "
+        f"({r['images_per_s']:.1f} images/s)"
+    )
     if r["undecodable"]:
         line += f"; {r['undecodable']} undecodable dropped"
     if "precision" in r:
@@ -736,30 +820,50 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lit_webssl data filter",
-                description="Score the text in every image of an MDS dataset and write the kept subset as MDS "
-                "(original columns plus text_score and text_level).")
-    p.add_argument("--in", dest="src", required=True, help="MDS dataset directory (<in>/index.json or "
-                   "<in>/<split>/index.json)")
+    p = _Parser(
+        prog="python -m lit_webssl data filter",
+        description="Score the text in every image of an MDS dataset and write the kept subset as MDS "
+        "(original columns plus text_score and text_level).",
+    )
+    p.add_argument(
+        "--in", dest="src", required=True, help="MDS dataset directory (<in>/index.json or <in>/<split>/index.json)"
+    )
     p.add_argument("--out", required=True, help="output directory (same layout as --in)")
     p.add_argument("--keep", required=True, choices=LEVELS, help="light: any text; heavy: documents, charts, tables")
-    p.add_argument("--scorer", choices=SCORERS, default=None,
-                   help="text scorer (default: classical for --keep light, ocr for --keep heavy; vlm when "
-                   "--vlm-model is given)")
-    p.add_argument("--no-prescreen", action="store_true", help="ocr: run Tesseract on every image, also where the "
-                   "classical detector finds no word")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="keep images scoring at least this for --keep (defaults: "
-                   + "; ".join(f"{s} {t['light']:g}/{t['heavy']:g}" for s, t in DEFAULT_THRESHOLDS.items())
-                   + " for light/heavy)")
+    p.add_argument(
+        "--scorer",
+        choices=SCORERS,
+        default=None,
+        help="text scorer (default: classical for --keep light, ocr for --keep heavy; vlm when --vlm-model is given)",
+    )
+    p.add_argument(
+        "--no-prescreen",
+        action="store_true",
+        help="ocr: run Tesseract on every image, also where the classical detector finds no word",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="keep images scoring at least this for --keep (defaults: "
+        + "; ".join(f"{s} {t['light']:g}/{t['heavy']:g}" for s, t in DEFAULT_THRESHOLDS.items())
+        + " for light/heavy)",
+    )
     p.add_argument("--vlm-model", default=None, help="local SmolVLM2 directory (weights, config, processor)")
     p.add_argument("--vlm-device", default="auto", help="device of the VLM (default: %(default)s)")
     p.add_argument("--vlm-batch-size", type=int, default=8, help="images per VLM forward (default: %(default)s)")
-    p.add_argument("--vlm-no-split", action="store_true", help="one global view per image instead of SmolVLM's "
-                   "tiles (several times faster, misses more small text)")
-    p.add_argument("--workers", type=int, default=min(_cpus(), 16),
-                   help="processes decoding and scoring images, not used by the vlm scorer (default: CPU count, "
-                   "at most 16: %(default)s)")
+    p.add_argument(
+        "--vlm-no-split",
+        action="store_true",
+        help="one global view per image instead of SmolVLM's tiles (several times faster, misses more small text)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(_cpus(), 16),
+        help="processes decoding and scoring images, not used by the vlm scorer (default: CPU count, "
+        "at most 16: %(default)s)",
+    )
     p.add_argument("--image-key", default="image", help="column holding the image (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
@@ -779,11 +883,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not Path(args.src).expanduser().is_dir():
         raise ConfigError(f"--in: {args.src} is not a directory")
     find_splits(Path(args.src).expanduser())  # fail on bad input before loading a model
-    scorer = make_scorer(scorer_name, args.vlm_model, device=args.vlm_device, batch_size=args.vlm_batch_size,
-                         image_splitting=not args.vlm_no_split) if scorer_name == "vlm" \
+    scorer = (
+        make_scorer(
+            scorer_name,
+            args.vlm_model,
+            device=args.vlm_device,
+            batch_size=args.vlm_batch_size,
+            image_splitting=not args.vlm_no_split,
+        )
+        if scorer_name == "vlm"
         else make_scorer(scorer_name, prescreen=not args.no_prescreen)
-    summary = filter_dataset(args.src, args.out, args.keep, scorer, args.threshold, args.workers, args.image_key,
-                             overwrite=args.overwrite)
-    print(f"wrote {args.out} ({summary['scorer']} scorer, --keep {args.keep}, threshold "
-          f"{summary['thresholds'][args.keep]:g}); summary in {Path(args.out) / SUMMARY}")
+    )
+    summary = filter_dataset(
+        args.src, args.out, args.keep, scorer, args.threshold, args.workers, args.image_key, overwrite=args.overwrite
+    )
+    print(
+        f"wrote {args.out} ({summary['scorer']} scorer, --keep {args.keep}, threshold "
+        f"{summary['thresholds'][args.keep]:g}); summary in {Path(args.out) / SUMMARY}"
+    )
     return summary

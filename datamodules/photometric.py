@@ -20,8 +20,19 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-__all__ = ["FloatColorJitter", "FloatGaussianBlur", "FloatGrayscale", "FloatSolarize", "ToFloat", "ToUint8",
-           "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "gaussian_blur"]
+__all__ = [
+    "FloatColorJitter",
+    "FloatGaussianBlur",
+    "FloatGrayscale",
+    "FloatSolarize",
+    "ToFloat",
+    "ToUint8",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "gaussian_blur",
+]
 
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # hsv -> rgb: channel n takes f((n + 6h) mod 6)
 _TO_UINT8 = (255.0 + 1.0 - 1e-3) / 255.0  # torchvision's float -> uint8 scale (then truncation)
@@ -81,12 +92,12 @@ def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
     taps = gaussian_taps(kernel_size, sigma)
     r, (h, w) = kernel_size // 2, x.shape[-2:]
     padded = torch.nn.functional.pad(x.unsqueeze(0), [r, r, r, r], mode="reflect")[0]
-    rows = padded[..., r:r + w] * taps[r]
+    rows = padded[..., r : r + w] * taps[r]
     for i in range(r):
-        rows.add_(padded[..., i:i + w] + padded[..., 2 * r - i:2 * r - i + w], alpha=taps[i])
-    out = rows[..., r:r + h, :] * taps[r]
+        rows.add_(padded[..., i : i + w] + padded[..., 2 * r - i : 2 * r - i + w], alpha=taps[i])
+    out = rows[..., r : r + h, :] * taps[r]
     for i in range(r):
-        out.add_(rows[..., i:i + h, :] + rows[..., 2 * r - i:2 * r - i + h, :], alpha=taps[i])
+        out.add_(rows[..., i : i + h, :] + rows[..., 2 * r - i : 2 * r - i + h, :], alpha=taps[i])
     return out.round_()
 
 
@@ -96,8 +107,12 @@ class FloatColorJitter(v2.ColorJitter):
     KERNELS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
     def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        factors = (params["brightness_factor"], params["contrast_factor"], params["saturation_factor"],
-                   params["hue_factor"])
+        factors = (
+            params["brightness_factor"],
+            params["contrast_factor"],
+            params["saturation_factor"],
+            params["hue_factor"],
+        )
         for fn_id in params["fn_idx"].tolist():
             if factors[fn_id] is not None:
                 inpt = self.KERNELS[fn_id](inpt, factors[fn_id])

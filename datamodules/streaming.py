@@ -22,9 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lit_webssl.datamodules.loader import ResumableStreamingLoader
-from lit_webssl.datamodules.transforms import EvalTransform, MultiViewTransform, decode_image
-from lit_webssl.objectives.base import ViewSpec
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.local import LocalDataset
 from streaming.base.storage import CloudDownloader
@@ -33,7 +30,10 @@ from streaming.base.world import World
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lit_webssl.datamodules.loader import ResumableStreamingLoader
+from lit_webssl.datamodules.transforms import EvalTransform, MultiViewTransform, decode_image
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives.base import ViewSpec
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTIONS = 16
@@ -62,8 +62,14 @@ def describe_sample(reader: Any, index: int) -> str:
         return f"dataset {type(reader).__name__}"
 
 
-def fetch_decodable(reader: Any, index: int, image_key: str, warned: set[int], max_tries: int = MAX_SUBSTITUTIONS,
-                    span: tuple[int, int] | None = None) -> tuple[dict[str, Any], Tensor, int]:
+def fetch_decodable(
+    reader: Any,
+    index: int,
+    image_key: str,
+    warned: set[int],
+    max_tries: int = MAX_SUBSTITUTIONS,
+    span: tuple[int, int] | None = None,
+) -> tuple[dict[str, Any], Tensor, int]:
     """Read sample ``index`` of a map-style MDS ``reader`` and decode its image; undecodable samples are replaced
     by the following ones (logged once each: ``warned`` holds the indices already logged).
 
@@ -92,8 +98,9 @@ def fetch_decodable(reader: Any, index: int, image_key: str, warned: set[int], m
             if current not in warned:
                 warned.add(current)
                 log.warning("skipping sample %d (%s): %s", current, describe_sample(reader, current), err)
-    raise RuntimeError(f"{max_tries} consecutive undecodable samples from sample {index} "
-                       f"({describe_sample(reader, index)})")
+    raise RuntimeError(
+        f"{max_tries} consecutive undecodable samples from sample {index} ({describe_sample(reader, index)})"
+    )
 
 
 def _label(sample: dict[str, Any], label_key: str | None) -> Tensor:
@@ -122,9 +129,17 @@ class MultiViewStreamingDataset(StreamingDataset):
         **kwargs: Passed to ``StreamingDataset`` (``local``, ``remote``, ``split``, ``shuffle``, ``batch_size``...).
     """
 
-    def __init__(self, *, views: Sequence[ViewSpec] | None = None, transform: Callable[[Tensor], Any] | None = None,
-                 image_key: str = "image", label_key: str | None = "label", caption_key: str | None = None,
-                 text_transform: Callable[[str], Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        views: Sequence[ViewSpec] | None = None,
+        transform: Callable[[Tensor], Any] | None = None,
+        image_key: str = "image",
+        label_key: str | None = "label",
+        caption_key: str | None = None,
+        text_transform: Callable[[str], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if (views is None) == (transform is None):
             raise ValueError("give exactly one of views and transform")
         super().__init__(**kwargs)
@@ -147,8 +162,13 @@ class MultiViewStreamingDataset(StreamingDataset):
         with torch.random.fork_rng(devices=[]):  # CPU generator only: device RNGs of the run stay untouched
             torch.default_generator.manual_seed(sample_seed(self.shuffle_seed, epoch, idx))
             views = self.transform(image)
-        out = {"views": views, "label": _label(sample, self.label_key), "index": idx, "stream": stream,
-               "corrupt": skipped}
+        out = {
+            "views": views,
+            "label": _label(sample, self.label_key),
+            "index": idx,
+            "stream": stream,
+            "corrupt": skipped,
+        }
         if self.caption_key:
             out["caption"] = str(sample.get(self.caption_key) or "")
             if self.text_transform is not None:
@@ -170,8 +190,14 @@ class LocalMDSDataset(Dataset):
         label_key: Column holding the integer label.
     """
 
-    def __init__(self, local: str, split: str, transform: Callable[[Tensor], Tensor], image_key: str = "image",
-                 label_key: str | None = "label") -> None:
+    def __init__(
+        self,
+        local: str,
+        split: str,
+        transform: Callable[[Tensor], Tensor],
+        image_key: str = "image",
+        label_key: str | None = "label",
+    ) -> None:
         self.reader, self.transform = LocalDataset(local, split), transform
         self.image_key, self.label_key = image_key, label_key
         self._warned: set[int] = set()
@@ -239,7 +265,8 @@ def check_remote(flag: str, remote: str) -> None:
         raise DataConfigError(
             f"{flag}: {redact_remote(remote)} embeds credentials; remove them and give them to the storage client "
             "through its environment or config files (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
-            "GOOGLE_APPLICATION_CREDENTIALS, ...): lit_webssl takes and stores no credentials")
+            "GOOGLE_APPLICATION_CREDENTIALS, ...): lit_webssl takes and stores no credentials"
+        )
 
 
 def _one_line(err: BaseException) -> str:
@@ -317,9 +344,14 @@ class WebSSLDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
     ) -> None:
         super().__init__()
-        for flag, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("knn_train_samples", knn_train_samples, 1), ("knn_val_samples", knn_val_samples, 1),
-                                 ("epoch_size", epoch_size, 1), ("download_retry", download_retry, 1)):
+        for flag, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("knn_train_samples", knn_train_samples, 1),
+            ("knn_val_samples", knn_val_samples, 1),
+            ("epoch_size", epoch_size, 1),
+            ("download_retry", download_retry, 1),
+        ):
             if value is not None and value < low:
                 raise DataConfigError(f"--data.{flag} must be >= {low}, got {value}")
         if not download_timeout > 0:
@@ -348,8 +380,9 @@ class WebSSLDataModule(L.LightningDataModule):
         return f"--data.streams[{i}].{field}" if self.mixture else f"--data.{field}"
 
     @staticmethod
-    def _stream_specs(local: str | None, remote: str | None,
-                      streams: Sequence[StreamSpec | dict[str, Any]] | None) -> list[StreamSpec]:
+    def _stream_specs(
+        local: str | None, remote: str | None, streams: Sequence[StreamSpec | dict[str, Any]] | None
+    ) -> list[StreamSpec]:
         if streams is None:
             if local is None:
                 raise DataConfigError("--data.local: give the dataset directory (or --data.streams for a mixture)")
@@ -357,8 +390,10 @@ class WebSSLDataModule(L.LightningDataModule):
                 check_remote("--data.remote", remote)
             return [StreamSpec(local=local, remote=remote)]
         if local is not None or remote is not None:
-            raise DataConfigError("--data.streams: give either --data.local/--data.remote or --data.streams, not both "
-                                  "(a mixture config sets local: null and remote: null)")
+            raise DataConfigError(
+                "--data.streams: give either --data.local/--data.remote or --data.streams, not both "
+                "(a mixture config sets local: null and remote: null)"
+            )
         if not streams:
             raise DataConfigError("--data.streams: empty; give at least one stream (or --data.local)")
         known = [f.name for f in fields(StreamSpec)]
@@ -370,12 +405,16 @@ class WebSSLDataModule(L.LightningDataModule):
                     raise DataConfigError(f"--data.streams[{i}]: unknown key {unknown[0]!r} (keys: {', '.join(known)})")
                 stream = StreamSpec(**stream)
             if not stream.local:
-                raise DataConfigError(f"--data.streams[{i}].local: every stream needs its own local directory (its "
-                                      "shards, or with a remote their cache)")
+                raise DataConfigError(
+                    f"--data.streams[{i}].local: every stream needs its own local directory (its "
+                    "shards, or with a remote their cache)"
+                )
             key = os.path.abspath(stream.local)
             if key in seen:
-                raise DataConfigError(f"--data.streams[{i}].local: {stream.local} is also --data.streams[{seen[key]}]"
-                                      ".local; every stream needs its own directory")
+                raise DataConfigError(
+                    f"--data.streams[{i}].local: {stream.local} is also --data.streams[{seen[key]}]"
+                    ".local; every stream needs its own directory"
+                )
             seen[key] = i
             if stream.remote is not None:
                 check_remote(f"--data.streams[{i}].remote", stream.remote)
@@ -387,8 +426,9 @@ class WebSSLDataModule(L.LightningDataModule):
         given = [[w for w in WEIGHTS if getattr(s, w) is not None] for s in self.streams]
         for i, (stream, names) in enumerate(zip(self.streams, given, strict=True)):
             if len(names) > 1:
-                raise DataConfigError(f"--data.streams[{i}]: give at most one of proportion, repeat, choose "
-                                      f"(got {' and '.join(names)})")
+                raise DataConfigError(
+                    f"--data.streams[{i}]: give at most one of proportion, repeat, choose (got {' and '.join(names)})"
+                )
             for name in names:
                 if getattr(stream, name) < 0:
                     raise DataConfigError(f"--data.streams[{i}].{name} must be >= 0, got {getattr(stream, name)}")
@@ -397,23 +437,35 @@ class WebSSLDataModule(L.LightningDataModule):
             i = relative.index(False)
             j = relative.index(True)
             other = f"has {given[i][0]}" if given[i] else "has no weight"
-            raise DataConfigError(f"--data.streams[{i}].proportion: proportions are relative, so every stream needs one"
-                                  f" or none does (--data.streams[{j}] has a proportion, --data.streams[{i}] {other})")
+            raise DataConfigError(
+                f"--data.streams[{i}].proportion: proportions are relative, so every stream needs one"
+                f" or none does (--data.streams[{j}] has a proportion, --data.streams[{i}] {other})"
+            )
         if all(relative) and sum(s.proportion for s in self.streams) <= 0:
             raise DataConfigError("--data.streams: the proportions sum to 0; give at least one a positive proportion")
         absolute = [i for i, names in enumerate(given) if names and not relative[i]]
         if epoch_size is not None and absolute:
             name = given[absolute[0]][0]
-            raise DataConfigError(f"--data.epoch_size: only with proportions or unweighted streams; "
-                                  f"--data.streams[{absolute[0]}].{name} fixes the epoch size itself")
+            raise DataConfigError(
+                f"--data.epoch_size: only with proportions or unweighted streams; "
+                f"--data.streams[{absolute[0]}].{name} fixes the epoch size itself"
+            )
 
     def _streams(self, split: str, weighted: bool) -> list[Stream]:
         """Streaming ``Stream`` objects of ``split``; ``weighted=False`` reads every sample once (validation)."""
         out = []
         for spec in self.streams:
             weights = {w: getattr(spec, w) for w in WEIGHTS if weighted and getattr(spec, w) is not None}
-            out.append(Stream(local=spec.local, remote=spec.remote, split=split, download_retry=self.download_retry,
-                              download_timeout=self.download_timeout, **weights))
+            out.append(
+                Stream(
+                    local=spec.local,
+                    remote=spec.remote,
+                    split=split,
+                    download_retry=self.download_retry,
+                    download_timeout=self.download_timeout,
+                    **weights,
+                )
+            )
         return out
 
     def set_views(self, views: Sequence[ViewSpec]) -> None:
@@ -432,8 +484,12 @@ class WebSSLDataModule(L.LightningDataModule):
         trainer = self.trainer
         if not isinstance(trainer, L.Trainer):
             return
-        world = {"RANK": trainer.global_rank, "WORLD_SIZE": trainer.world_size, "LOCAL_RANK": trainer.local_rank,
-                 "LOCAL_WORLD_SIZE": trainer.num_devices}
+        world = {
+            "RANK": trainer.global_rank,
+            "WORLD_SIZE": trainer.world_size,
+            "LOCAL_RANK": trainer.local_rank,
+            "LOCAL_WORLD_SIZE": trainer.num_devices,
+        }
         unset = {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}  # what Streaming assumes
         for key, value in world.items():  # only what differs: a single-process run leaves the environment alone
             if os.environ.get(key, str(unset[key])) != str(value):
@@ -453,7 +509,8 @@ class WebSSLDataModule(L.LightningDataModule):
             return f"{flag}: cannot read {shown}: {_one_line(err)}"
         try:
             retry(clean_up_fn=downloader.clean_up, num_attempts=self.download_retry)(
-                lambda: downloader.download(source, tmp, self.download_timeout))()
+                lambda: downloader.download(source, tmp, self.download_timeout)
+            )()
             os.replace(tmp, target)
         except Exception as err:  # noqa: BLE001 - any client error means the same to the user: it cannot be read
             if isinstance(err, FileNotFoundError) or "not found" in str(err).lower():  # reached, but no such object
@@ -495,8 +552,10 @@ class WebSSLDataModule(L.LightningDataModule):
             index = root / split / INDEX
             if not index.is_file():
                 if spec.remote is not None:
-                    raise DataConfigError(f"{self._flag(i, 'remote')}: no MDS index of split {split!r} fetched to "
-                                          f"{index} (call setup() first)")
+                    raise DataConfigError(
+                        f"{self._flag(i, 'remote')}: no MDS index of split {split!r} fetched to "
+                        f"{index} (call setup() first)"
+                    )
                 found = sorted(p.parent.name for p in root.glob(f"*/{INDEX}"))
                 if not found:
                     raise DataConfigError(f"{self._flag(i, 'local')}: no MDS index at {index} ({DEMO_HINT})")
@@ -504,8 +563,10 @@ class WebSSLDataModule(L.LightningDataModule):
             columns = _index_columns(index)
             for key_flag, key in (("--data.image_key", self.image_key), ("--data.caption_key", self.caption_key)):
                 if key is not None and key not in columns:
-                    raise DataConfigError(f"{key_flag}: split {split!r} has no column {key!r} in its MDS index "
-                                          f"{index} (columns: {', '.join(columns)})")
+                    raise DataConfigError(
+                        f"{key_flag}: split {split!r} has no column {key!r} in its MDS index "
+                        f"{index} (columns: {', '.join(columns)})"
+                    )
 
     def setup(self, stage: str | None = None) -> None:
         """Give Streaming the trainer's world, fetch remote indices, check the splits and columns, and take the
@@ -523,8 +584,10 @@ class WebSSLDataModule(L.LightningDataModule):
         if objective is not None and getattr(objective, "needs_text", False):
             if self.caption_key is None:
                 where = ", ".join(s.local for s in self.streams)
-                raise DataConfigError(f"--data.caption_key: {type(objective).__name__} needs captions; name the "
-                                      f"caption column of the data at {where}")
+                raise DataConfigError(
+                    f"--data.caption_key: {type(objective).__name__} needs captions; name the "
+                    f"caption column of the data at {where}"
+                )
             make_transform = getattr(objective, "text_transform", None)
             if self.text_transform is None and callable(make_transform):
                 self.set_text_transform(make_transform())
@@ -534,13 +597,23 @@ class WebSSLDataModule(L.LightningDataModule):
         if self.views is None:
             raise DataConfigError("--data: no views set; attach the datamodule to a trainer or call set_views()")
         dataset = MultiViewStreamingDataset(
-            views=self.views, image_key=self.image_key, label_key=self.label_key, caption_key=self.caption_key,
-            text_transform=self.text_transform, streams=self._streams(split, weighted),
-            epoch_size=self.epoch_size if weighted else None, shuffle=shuffle, shuffle_seed=self.shuffle_seed,
-            batch_size=self.batch_size, num_canonical_nodes=self.num_canonical_nodes,
+            views=self.views,
+            image_key=self.image_key,
+            label_key=self.label_key,
+            caption_key=self.caption_key,
+            text_transform=self.text_transform,
+            streams=self._streams(split, weighted),
+            epoch_size=self.epoch_size if weighted else None,
+            shuffle=shuffle,
+            shuffle_seed=self.shuffle_seed,
+            batch_size=self.batch_size,
+            num_canonical_nodes=self.num_canonical_nodes,
         )
         return ResumableStreamingLoader(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=drop_last,
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=drop_last,
             pin_memory=self._pin,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
@@ -566,8 +639,14 @@ class WebSSLDataModule(L.LightningDataModule):
         if spec.remote is None:
             return spec.local
         cache = os.path.join(spec.local, "_knn_cache")
-        stream = Stream(remote=spec.remote, local=cache, split=split, download_retry=self.download_retry,
-                        download_timeout=self.download_timeout, keep_zip=False)
+        stream = Stream(
+            remote=spec.remote,
+            local=cache,
+            split=split,
+            download_retry=self.download_retry,
+            download_timeout=self.download_timeout,
+            keep_zip=False,
+        )
         needed = float("inf") if cap is None else cap
         for shard in stream.get_shards(World.detect(), allow_unsafe_types=False):
             if needed <= 0:
@@ -578,11 +657,14 @@ class WebSSLDataModule(L.LightningDataModule):
 
     def _probe_set(self, split: str, flag: str, size: int, cap: int | None) -> Dataset:
         self._check_split(split, flag)
-        dataset = LocalMDSDataset(self._probe_root(split, cap), split, EvalTransform(size), self.image_key,
-                                  self.label_key)
+        dataset = LocalMDSDataset(
+            self._probe_root(split, cap), split, EvalTransform(size), self.image_key, self.label_key
+        )
         if self.label_key not in dataset.column_names:
-            raise DataConfigError(f"--data.label_key: split {split!r} has no label column {self.label_key!r} "
-                                  f"(columns: {dataset.column_names})")
+            raise DataConfigError(
+                f"--data.label_key: split {split!r} has no label column {self.label_key!r} "
+                f"(columns: {dataset.column_names})"
+            )
         return Subset(dataset, range(min(cap, len(dataset)))) if cap is not None else dataset
 
     def knn_dataloaders(self, size: int, batch_size: int) -> tuple[DataLoader, DataLoader]:
@@ -603,10 +685,21 @@ class WebSSLDataModule(L.LightningDataModule):
             raise DataConfigError("--data.val_split: the kNN probe needs a labelled validation split")
         if self.label_key is None:
             raise DataConfigError("--data.label_key: the kNN probe needs labels; name the label column")
-        sets = (self._probe_set(self.train_split, "--data.train_split", size, self.knn_train_samples),
-                self._probe_set(self.val_split, "--data.val_split", size, self.knn_val_samples))
-        bank, queries = (DataLoader(s, batch_size=batch_size, shuffle=False, drop_last=False,
-                                    num_workers=self.num_workers, pin_memory=self._pin) for s in sets)
+        sets = (
+            self._probe_set(self.train_split, "--data.train_split", size, self.knn_train_samples),
+            self._probe_set(self.val_split, "--data.val_split", size, self.knn_val_samples),
+        )
+        bank, queries = (
+            DataLoader(
+                s,
+                batch_size=batch_size,
+                shuffle=False,
+                drop_last=False,
+                num_workers=self.num_workers,
+                pin_memory=self._pin,
+            )
+            for s in sets
+        )
         return bank, queries
 
     @property

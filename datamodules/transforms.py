@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from lit_webssl.datamodules import photometric as photo
-from lit_webssl.objectives.base import ViewSpec
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode_image
 from torchvision.transforms import v2
+
+from lit_webssl.datamodules import photometric as photo
+from lit_webssl.objectives.base import ViewSpec
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 BLUR_KERNEL = 9
@@ -56,8 +57,9 @@ def decode_image(data: bytes) -> Tensor:
     if image.dtype == torch.uint16:  # a 16-bit PNG: keep the 8 most significant bits
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"undecodable image ({len(data)} bytes): decoded to {image.dtype} {tuple(image.shape)}, "
-                         "not 8-bit RGB")
+        raise ValueError(
+            f"undecodable image ({len(data)} bytes): decoded to {image.dtype} {tuple(image.shape)}, not 8-bit RGB"
+        )
     return image
 
 
@@ -148,8 +150,7 @@ class MultiViewTransform:
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         """uint8 ``(3, H, W)`` -> ``{name: uint8 (count, 3, size, size)}``."""
         return {
-            spec.name: torch.stack([transform(image) for _ in range(spec.count)])
-            for spec, transform in self.transforms
+            spec.name: torch.stack([transform(image) for _ in range(spec.count)]) for spec, transform in self.transforms
         }
 
 

@@ -223,9 +223,7 @@ def weight_copies(modules: Iterable[nn.Module]) -> int:
 
 def generic_passes(objective: Objective, bb: VisionTransformer, batch: int) -> list[Pass]:
     """One student pass per declared view (what an objective the planner does not know is assumed to do)."""
-    return [
-        Pass(v.name, batch * v.count, v.size, 1 + (v.size // bb.patch_size) ** 2) for v in objective.views()
-    ]
+    return [Pass(v.name, batch * v.count, v.size, 1 + (v.size // bb.patch_size) ** 2) for v in objective.views()]
 
 
 # -- objectives --------------------------------------------------------------------------------------------------
@@ -299,10 +297,16 @@ def dino_activations(
     for p in passes:  # a head reading a CLS view without a cast keeps the whole normed output alive
         kept = not dt.autocast or (p is glob and objective.weights["koleo"] > 0)
         if kept:
-            items.append(Activation(f"{p.name} normed tokens (held by CLS views)", p.rows * p.tokens * dim * dt.normed,
-                                    FORWARD))
-        items.append(Activation(f"DINO head, {p.name} CLS", dino_head_bytes(objective.dino_head, p.rows, dt,
-                                                                             input_copy=dt.autocast), FORWARD))
+            items.append(
+                Activation(f"{p.name} normed tokens (held by CLS views)", p.rows * p.tokens * dim * dt.normed, FORWARD)
+            )
+        items.append(
+            Activation(
+                f"DINO head, {p.name} CLS",
+                dino_head_bytes(objective.dino_head, p.rows, dt, input_copy=dt.autocast),
+                FORWARD,
+            )
+        )
     items += _dino_losses(objective, passes, batch, masked, dt, dim)
     if masked:
         head = objective.ibot_head if objective.ibot_separate_head else objective.dino_head
@@ -312,8 +316,9 @@ def dino_activations(
     return items
 
 
-def _dino_losses(objective: Objective, passes: list[Pass], batch: int, masked: int, dt: Dtypes,
-                 dim: int) -> list[Activation]:
+def _dino_losses(
+    objective: Objective, passes: list[Pass], batch: int, masked: int, dt: Dtypes, dim: int
+) -> list[Activation]:
     """DINO: fp32 log-softmax per student CLS + the teacher targets; iBOT: the same per masked token + weights;
     KoLeo: per global crop, the distance vectors (and an fp32 copy of half CLS tokens)."""
     k = objective.dino_loss.out_dim
@@ -346,8 +351,11 @@ def mae_activations(
         Activation("decoder input (latent tokens)", batch * p.tokens * bb.embed_dim * dt.linear_in, FORWARD),
         Activation("decoder gather input", batch * patches * width * ddt.residual, FORWARD),
         Activation(f"decoder: {len(dec.blocks)} blocks", blocks_bytes(dec.blocks, batch, tokens, ddt), FORWARD),
-        Activation("decoder final LayerNorm + prediction inputs",
-                   batch * tokens * (width * (ddt.norm_saved + ddt.linear_in) + NORM_STATS), FORWARD),
+        Activation(
+            "decoder final LayerNorm + prediction inputs",
+            batch * tokens * (width * (ddt.norm_saved + ddt.linear_in) + NORM_STATS),
+            FORWARD,
+        ),
         Activation("reconstruction loss", batch * patches * (pixels + 1) * FP32, FORWARD),
     ]
     return items
@@ -376,8 +384,21 @@ def saved_tensor_bytes(step: Callable[[], object], exclude: Iterable[torch.Tenso
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def has_mallinfo2() -> bool:

@@ -123,9 +123,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed_kind = pos_embed
         self.weight_init = weight_init
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, strict_img_size=False, device=device
-        )
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False, device=device)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, device=device))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, device=device))
@@ -138,8 +136,15 @@ class VisionTransformer(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
             Block(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=layerscale,
-                drop_path=rates[i], norm_layer=norm, mlp_layer=mlp_layer, device=device,
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                init_values=layerscale,
+                drop_path=rates[i],
+                norm_layer=norm,
+                mlp_layer=mlp_layer,
+                device=device,
             )
             for i in range(depth)
         )
@@ -201,8 +206,9 @@ class VisionTransformer(nn.Module):
         if self.pos_embed_kind == "sincos":
             patch = sincos_pos_embed(self.embed_dim, grid_h, grid_w, table.device, table.dtype)
             return torch.cat([table[:, :1], patch[None]], dim=1)
-        return resample_abs_pos_embed(table, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens,
-                                      antialias=False)
+        return resample_abs_pos_embed(
+            table, [grid_h, grid_w], num_prefix_tokens=self.num_prefix_tokens, antialias=False
+        )
 
     def resample_pos_embed(self, grid: int) -> None:
         """Permanently change the native grid to ``grid x grid``: ``pos_embed`` becomes a new ``Parameter``.
@@ -338,7 +344,8 @@ def fit_pos_embed_grids(root: nn.Module, state_dict: dict[str, Tensor]) -> list[
             continue
         grid = module.grid_size
         grid_of(stored, module.num_prefix_tokens, key)  # a clear error for a non-square table
-        state_dict[key] = resample_abs_pos_embed(stored.float(), [grid, grid],
-                                                 num_prefix_tokens=module.num_prefix_tokens, antialias=False)
+        state_dict[key] = resample_abs_pos_embed(
+            stored.float(), [grid, grid], num_prefix_tokens=module.num_prefix_tokens, antialias=False
+        )
         changed.append(key)
     return changed

@@ -28,9 +28,22 @@ from lit_webssl.errors import ConfigError
 from lit_webssl.parallel import FP32_MASTERS, assemble_masters
 
 Kind = Literal["deepspeed", "dcp", "file"]
-_DEEPSPEED_KEYS = ("buffer_names", "ds_config", "ds_version", "frozen_param_fragments", "frozen_param_shapes",
-                   "param_shapes", "shared_params", "random_ltd", "data_sampler", "global_samples",
-                   "checkpoint_parallel_dimensions", "dp_world_size", "mp_world_size", "skipped_steps")
+_DEEPSPEED_KEYS = (
+    "buffer_names",
+    "ds_config",
+    "ds_version",
+    "frozen_param_fragments",
+    "frozen_param_shapes",
+    "param_shapes",
+    "shared_params",
+    "random_ltd",
+    "data_sampler",
+    "global_samples",
+    "checkpoint_parallel_dimensions",
+    "dp_world_size",
+    "mp_world_size",
+    "skipped_steps",
+)
 
 
 def checkpoint_kind(path: str | Path) -> Kind:
@@ -53,8 +66,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     Memory-mapped, so the ranks of a node reading the same file share its pages instead of each holding a copy.
     """
     if checkpoint_kind(path) != "file":
-        raise ConfigError(f"{path} is a sharded checkpoint folder; make one file of it first: "
-                          f"python -m lit_webssl checkpoint convert {path} OUT")
+        raise ConfigError(
+            f"{path} is a sharded checkpoint folder; make one file of it first: "
+            f"python -m lit_webssl checkpoint convert {path} OUT"
+        )
     loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -118,8 +133,9 @@ def _fp32_masters(path: Path, kind: Kind, checkpoint: dict[str, Any]) -> dict[st
     if kind != "deepspeed":
         return assemble_masters([state] if state else [])
     files = sorted(path.glob("*/zero_pp_rank_*_mp_rank_*_model_states.pt"))
-    return assemble_masters(torch.load(f, map_location="cpu", mmap=True, weights_only=False).get(FP32_MASTERS, {})
-                            for f in files)
+    return assemble_masters(
+        torch.load(f, map_location="cpu", mmap=True, weights_only=False).get(FP32_MASTERS, {}) for f in files
+    )
 
 
 def convert(path: str | Path, out: str | Path, keep_optimizer: bool = False) -> Path:

@@ -32,8 +32,10 @@ _LOGGERS = [
 ]
 _CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-     "init_args": {"save_last": True, "every_n_train_steps": 1000, "save_top_k": -1}},
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": True, "every_n_train_steps": 1000, "save_top_k": -1},
+    },
 ]
 
 
@@ -51,7 +53,9 @@ class WebSSLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--run_name", type=str | None, default=None,
+            "--run_name",
+            type=str | None,
+            default=None,
             help="Name of the run: logs go to <save_dir>/<run_name>/version_<n>, checkpoints to "
             "<save_dir>/<run_name>/checkpoints (sets the `name` of every logger).",
         )
@@ -80,11 +84,16 @@ class WebSSLCLI(LightningCLI):
         model = self.model
         if hasattr(model, "resume_from"):
             model.resume_from = self.config["fit"].get("ckpt_path")
-        if getattr(model, "init_required", False) and model.init_from is None and not self.config["fit"].get(
-                "ckpt_path"):
-            raise ConfigError("--model.init_from: this config continues from earlier weights (model.init_required); "
-                              "give the previous stage's converted checkpoint (python -m lit_webssl checkpoint "
-                              "convert CKPT OUT), or --ckpt_path to resume this run")
+        if (
+            getattr(model, "init_required", False)
+            and model.init_from is None
+            and not self.config["fit"].get("ckpt_path")
+        ):
+            raise ConfigError(
+                "--model.init_from: this config continues from earlier weights (model.init_required); "
+                "give the previous stage's converted checkpoint (python -m lit_webssl checkpoint "
+                "convert CKPT OUT), or --ckpt_path to resume this run"
+            )
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._plan:  # planning needs the model and data settings only

@@ -21,8 +21,13 @@ from pathlib import Path
 
 from lit_webssl.errors import ConfigError
 
-COLUMNS = (("objective", "objective"), ("knn_top1", "kNN top-1"), ("wall_s", "wall time"),
-           ("peak_memory_gib", "peak memory"), ("images_per_sec", "images/s"))
+COLUMNS = (
+    ("objective", "objective"),
+    ("knn_top1", "kNN top-1"),
+    ("wall_s", "wall time"),
+    ("peak_memory_gib", "peak memory"),
+    ("images_per_sec", "images/s"),
+)
 
 
 @dataclass
@@ -64,11 +69,23 @@ def _newest_version(run_root: Path) -> Path | None:
     return max(versions, key=lambda p: int(p.name.removeprefix("version_")), default=None)
 
 
-def run_one(objective: str, base: Path, block: Path, run_name: str, overrides: list[str], runs_dir: Path,
-            quiet: bool) -> Row:
+def run_one(
+    objective: str, base: Path, block: Path, run_name: str, overrides: list[str], runs_dir: Path, quiet: bool
+) -> Row:
     """Train one objective with ``fit`` in a child process and collect its figures."""
-    cmd = [sys.executable, "-m", "lit_webssl", "fit", "--config", str(base), "--config", str(block),
-           "--run_name", run_name, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_webssl",
+        "fit",
+        "--config",
+        str(base),
+        "--config",
+        str(block),
+        "--run_name",
+        run_name,
+        *overrides,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
@@ -81,8 +98,14 @@ def run_one(objective: str, base: Path, block: Path, run_name: str, overrides: l
     metrics_file = run_dir / "metrics.json" if run_dir else None
     if proc.returncode == 0 and metrics_file is not None and metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
-        for key in ("knn_top1", "knn_top1_pixel", "knn_top1_random_init", "images_per_sec", "peak_memory_gib",
-                    "peak_memory_kind"):
+        for key in (
+            "knn_top1",
+            "knn_top1_pixel",
+            "knn_top1_random_init",
+            "images_per_sec",
+            "peak_memory_gib",
+            "peak_memory_kind",
+        ):
             setattr(row, key, metrics.get(key))
     return row
 
@@ -109,12 +132,19 @@ def markdown(rows: list[Row], base: Path, overrides: list[str]) -> str:
     baselines = {r.objective: (r.knn_top1_pixel, r.knn_top1_random_init) for r in rows if r.knn_top1_pixel is not None}
     if len(set(baselines.values())) == 1:
         pixel, random_init = next(iter(baselines.values()))
-        lines.append(f"\nBaselines on the same probe: pixels {100 * pixel:.2f} %, random-init encoder "
-                     f"{100 * (random_init or 0):.2f} %.")
+        lines.append(
+            f"\nBaselines on the same probe: pixels {100 * pixel:.2f} %, random-init encoder "
+            f"{100 * (random_init or 0):.2f} %."
+        )
     elif baselines:  # objectives that normalize pixels differently (CLIP: OpenAI's mean/std) see other baselines
-        lines.append("\nBaselines on the same probe, per objective (their pixel normalizations differ): " + "; ".join(
-            f"{name} pixels {100 * p:.2f} %, random init {100 * (r or 0):.2f} %" for name, (p, r) in baselines.items()
-        ) + ".")
+        lines.append(
+            "\nBaselines on the same probe, per objective (their pixel normalizations differ): "
+            + "; ".join(
+                f"{name} pixels {100 * p:.2f} %, random init {100 * (r or 0):.2f} %"
+                for name, (p, r) in baselines.items()
+            )
+            + "."
+        )
     kinds = sorted({r.peak_memory_kind for r in rows if r.peak_memory_kind})
     if kinds:
         lines.append(f"Peak memory: {', '.join(kinds)} (largest rank). Wall time: the whole `fit` process.")
@@ -143,12 +173,19 @@ def main(argv: list[str]) -> int:
         description="Train several objectives on one shared config block and tabulate kNN top-1, wall time, peak "
         "memory and images/s. Arguments it does not know (e.g. --trainer.max_steps 50) go to every fit.",
     )
-    parser.add_argument("--config", required=True, type=Path,
-                        help="shared block: data, backbone, trainer, budget and probe")
-    parser.add_argument("--objectives", required=True, nargs="+", metavar="NAME",
-                        help="objective blocks: NAME means <dir of --config>/NAME.yaml; a .yaml path is used as is")
-    parser.add_argument("--name", default=None,
-                        help="prefix of the run names and the output directory (default: compare_<date>_<time>)")
+    parser.add_argument(
+        "--config", required=True, type=Path, help="shared block: data, backbone, trainer, budget and probe"
+    )
+    parser.add_argument(
+        "--objectives",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="objective blocks: NAME means <dir of --config>/NAME.yaml; a .yaml path is used as is",
+    )
+    parser.add_argument(
+        "--name", default=None, help="prefix of the run names and the output directory (default: compare_<date>_<time>)"
+    )
     parser.add_argument("--quiet", action="store_true", help="hide the runs' own output (progress bars, logs)")
     args, overrides = parser.parse_known_args(argv)
     blocks = resolve_blocks(args.config, args.objectives)

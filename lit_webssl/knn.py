@@ -9,8 +9,13 @@ from torch import Tensor
 
 @torch.no_grad()
 def knn_top1(
-    bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
-    temperature: float = 0.07, chunk: int = 1024,
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> float:
     """Top-1 accuracy of a cosine-similarity kNN vote weighted by ``exp(sim / temperature)``.
 

@@ -28,8 +28,13 @@ STRATEGY_FLAG = "--trainer.strategy"
 PRECISION_FLAG = "--trainer.precision"
 FP32 = 4
 
-_PRECISIONS = {"32-true": (4, False), "bf16-mixed": (2, True), "16-mixed": (2, True), "bf16-true": (2, False),
-               "16-true": (2, False)}
+_PRECISIONS = {
+    "32-true": (4, False),
+    "bf16-mixed": (2, True),
+    "16-mixed": (2, True),
+    "bf16-true": (2, False),
+    "16-true": (2, False),
+}
 _PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "half": "16-true"}
 
 
@@ -53,8 +58,9 @@ def parse_precision(value: Any) -> PrecisionSpec:
     name = "32-true" if value is None else str(value)
     name = _PRECISION_ALIASES.get(name, name)
     if name not in _PRECISIONS:
-        raise ConfigError(f"{PRECISION_FLAG}={value!r} is not modelled by the planner; choose one of "
-                          f"{', '.join(_PRECISIONS)}")
+        raise ConfigError(
+            f"{PRECISION_FLAG}={value!r} is not modelled by the planner; choose one of {', '.join(_PRECISIONS)}"
+        )
     return PrecisionSpec(name, *_PRECISIONS[name])
 
 
@@ -107,15 +113,18 @@ def parse_strategy(value: Any) -> StrategySpec:
             raise ConfigError(f"{STRATEGY_FLAG}: a dict needs a class_path, got {dict(value)}")
         return _from_class(_import_class(value["class_path"]), dict(value.get("init_args") or {}), value["class_path"])
     if not isinstance(value, str):
-        raise ConfigError(f"{STRATEGY_FLAG}: cannot plan for a {type(value).__name__} strategy; give a name or "
-                          "class_path")
+        raise ConfigError(
+            f"{STRATEGY_FLAG}: cannot plan for a {type(value).__name__} strategy; give a name or class_path"
+        )
     if "." in value:
         return _from_class(_import_class(value), {}, value)
     from lightning.pytorch.strategies import StrategyRegistry
 
     if value not in StrategyRegistry:
-        raise ConfigError(f"{STRATEGY_FLAG}={value!r} is unknown; choose one of auto, "
-                          f"{', '.join(sorted(StrategyRegistry))} or a class_path")
+        raise ConfigError(
+            f"{STRATEGY_FLAG}={value!r} is unknown; choose one of auto, "
+            f"{', '.join(sorted(StrategyRegistry))} or a class_path"
+        )
     entry = StrategyRegistry[value]
     return _from_class(entry["strategy"], dict(entry["init_params"]), value)
 
@@ -148,8 +157,9 @@ def _from_class(cls: type, args: dict[str, Any], label: str) -> StrategySpec:
         return StrategySpec("ddp", label, bucket_view=bool(args.get("gradient_as_bucket_view", False)))
     if issubclass(cls, SingleDeviceStrategy):
         return StrategySpec("single", label)
-    raise ConfigError(f"{STRATEGY_FLAG}: the planner models DDP, DeepSpeed, FSDP and ModelParallelStrategy, not "
-                      f"{cls.__name__}")
+    raise ConfigError(
+        f"{STRATEGY_FLAG}: the planner models DDP, DeepSpeed, FSDP and ModelParallelStrategy, not {cls.__name__}"
+    )
 
 
 def _deepspeed(args: dict[str, Any], label: str) -> StrategySpec:
@@ -161,7 +171,9 @@ def _deepspeed(args: dict[str, Any], label: str) -> StrategySpec:
         return zero.get(key, args.get(key, default))
 
     return StrategySpec(
-        "deepspeed", label, zero_stage=stage,
+        "deepspeed",
+        label,
+        zero_stage=stage,
         offload_optimizer=_offloaded(zero, "offload_optimizer", args.get("offload_optimizer", False)),
         offload_parameters=stage == 3 and _offloaded(zero, "offload_param", args.get("offload_parameters", False)),
         reduce_bucket=int(setting("reduce_bucket_size", 200_000_000)),
@@ -189,31 +201,45 @@ def _deepspeed_config(config: Any) -> dict[str, Any]:
     return dict(config)
 
 
-_FSDP_SHARDING = {"FULL_SHARD": "full", "SHARD_GRAD_OP": "grad_op", "NO_SHARD": "none", "HYBRID_SHARD": "hybrid",
-                  "_HYBRID_SHARD_ZERO2": "hybrid"}
+_FSDP_SHARDING = {
+    "FULL_SHARD": "full",
+    "SHARD_GRAD_OP": "grad_op",
+    "NO_SHARD": "none",
+    "HYBRID_SHARD": "hybrid",
+    "_HYBRID_SHARD_ZERO2": "hybrid",
+}
 
 
 def _fsdp(args: dict[str, Any], label: str) -> StrategySpec:
     sharding = str(args.get("sharding_strategy", "FULL_SHARD")).rpartition(".")[2].upper()
     if sharding not in _FSDP_SHARDING:
-        raise ConfigError(f"{STRATEGY_FLAG}: unknown FSDP sharding_strategy {sharding!r}; choose one of "
-                          f"{', '.join(_FSDP_SHARDING)}")
+        raise ConfigError(
+            f"{STRATEGY_FLAG}: unknown FSDP sharding_strategy {sharding!r}; choose one of {', '.join(_FSDP_SHARDING)}"
+        )
     offload = args.get("cpu_offload", False)
     if hasattr(offload, "as_dict"):
         offload = offload.as_dict()
     if isinstance(offload, Mapping):
         offload = offload.get("init_args", offload).get("offload_params", False)
     checkpointing = bool(args.get("activation_checkpointing_policy") or args.get("activation_checkpointing"))
-    return StrategySpec("fsdp", label, shard=_FSDP_SHARDING[sharding], offload_optimizer=bool(offload),
-                        offload_parameters=bool(offload), wrap_blocks=args.get("auto_wrap_policy") is not None,
-                        checkpointing=checkpointing)
+    return StrategySpec(
+        "fsdp",
+        label,
+        shard=_FSDP_SHARDING[sharding],
+        offload_optimizer=bool(offload),
+        offload_parameters=bool(offload),
+        wrap_blocks=args.get("auto_wrap_policy") is not None,
+        checkpointing=checkpointing,
+    )
 
 
 def _model_parallel(args: dict[str, Any], label: str) -> StrategySpec:
     tp = args.get("tensor_parallel_size", "auto")
     if tp not in ("auto", 1, "1"):
-        raise ConfigError(f"{STRATEGY_FLAG}: tensor_parallel_size={tp} is not modelled by the planner (the ViT "
-                          "is not tensor-parallel); use 1")
+        raise ConfigError(
+            f"{STRATEGY_FLAG}: tensor_parallel_size={tp} is not modelled by the planner (the ViT "
+            "is not tensor-parallel); use 1"
+        )
     dp = args.get("data_parallel_size", "auto")
     return StrategySpec("fsdp2", label, data_parallel_size=None if dp == "auto" else int(dp))
 
@@ -272,8 +298,12 @@ def count_model(backbone: nn.Module, objective: nn.Module) -> ModelCounts:
     blocks = [m for m in (*backbone.modules(), *objective.modules()) if isinstance(m, Block)]
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     buffers = {id(b): b.numel() * b.element_size() for m in (backbone, objective) for b in m.buffers()}
-    tables = {id(m.pos_embed): m.pos_embed for root in (backbone, objective) for m in root.modules()
-              if isinstance(m, VisionTransformer)}.values()
+    tables = {
+        id(m.pos_embed): m.pos_embed
+        for root in (backbone, objective)
+        for m in root.modules()
+        if isinstance(m, VisionTransformer)
+    }.values()
     return ModelCounts(
         backbone=sum(p.numel() for p in bb if p.requires_grad),
         backbone_frozen=sum(p.numel() for p in bb if not p.requires_grad),
@@ -339,8 +369,9 @@ def shard_groups(spec: StrategySpec, world: int, devices: int) -> tuple[int, int
     return 1, 1, 1
 
 
-def state_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec, world: int,
-               devices: int) -> list[Row]:
+def state_rows(
+    counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec, world: int, devices: int
+) -> list[Row]:
     """Parameters, gradients, optimizer states, EMA teacher and buffers per device, then the strategy's buffers."""
     pbytes = param_bytes(spec, precision)
     p_div, g_div, o_div = shard_groups(spec, world, devices)
@@ -354,11 +385,17 @@ def state_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
         place(f"backbone parameters ({dtype})", (counts.backbone + counts.backbone_frozen) * pbytes / p_div, on_host),
         place(f"heads parameters ({dtype})", counts.heads * pbytes / p_div, on_host),
         place(f"gradients ({dtype})", counts.trainable * pbytes / g_div, spec.kind == "fsdp" and on_host),
-        place(_optimizer_name(spec), optimizer_bytes(counts, spec, pbytes) / o_div + _step_counters(counts, spec),
-              spec.offload_optimizer),
+        place(
+            _optimizer_name(spec),
+            optimizer_bytes(counts, spec, pbytes) / o_div + _step_counters(counts, spec),
+            spec.offload_optimizer,
+        ),
         # DeepSpeed stores every parameter in its precision, the teacher's too (lit_webssl.parallel); others keep fp32
-        place(f"EMA teacher ({dtype if spec.kind == 'deepspeed' else 'fp32'})",
-              counts.teacher * (pbytes if spec.kind == "deepspeed" else FP32) / p_div, on_host),
+        place(
+            f"EMA teacher ({dtype if spec.kind == 'deepspeed' else 'fp32'})",
+            counts.teacher * (pbytes if spec.kind == "deepspeed" else FP32) / p_div,
+            on_host,
+        ),
     ]
     if spec.kind == "deepspeed" and pbytes < FP32 and counts.teacher:  # ShardedEMA's fp32 masters of its partitions
         rows.append(place("fp32 masters of the EMA teacher", counts.teacher * FP32 / p_div, on_host))
@@ -390,8 +427,9 @@ def _step_counters(counts: ModelCounts, spec: StrategySpec) -> int:
     return 0 if spec.kind == "deepspeed" else FP32 * counts.tensors  # torch AdamW: a 0-d fp32 step per tensor
 
 
-def strategy_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec, world: int,
-                  devices: int) -> list[Row]:
+def strategy_rows(
+    counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec, world: int, devices: int
+) -> list[Row]:
     """The strategy's own memory: DDP's gradient buckets, ZeRO's buckets, gathered parameters and fp32 step
     gradients, FSDP's unsharded units."""
     pbytes = param_bytes(spec, precision)
@@ -415,8 +453,11 @@ def _deepspeed_rows(counts: ModelCounts, spec: StrategySpec, pbytes: int, world:
     o_div = world if spec.zero_stage >= 1 else 1
     if pbytes != FP32:
         grads = counts.trainable * FP32 / o_div
-        rows.append(Row("fp32 gradients of the optimizer step", 0.0, grads, ALWAYS) if spec.offload_optimizer
-                    else Row("fp32 gradients of the optimizer step", grads, held=STEP))
+        rows.append(
+            Row("fp32 gradients of the optimizer step", 0.0, grads, ALWAYS)
+            if spec.offload_optimizer
+            else Row("fp32 gradients of the optimizer step", grads, held=STEP)
+        )
     return rows
 
 
@@ -434,5 +475,7 @@ def _fsdp_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
     else:
         name = "FSDP gathered parameters (2 blocks + root unit)"
         gathered, grads = 2 * counts.largest_block + counts.outside_blocks, counts.largest_block
-    return [Row(name, gathered * cbytes, held=FWD_BWD),
-            Row("FSDP unsharded gradients before reduce-scatter", grads * cbytes, held=FWD_BWD)]
+    return [
+        Row(name, gathered * cbytes, held=FWD_BWD),
+        Row("FSDP unsharded gradients before reduce-scatter", grads * cbytes, held=FWD_BWD),
+    ]

@@ -95,8 +95,12 @@ class LitWebSSL(L.LightningModule):
         (a run resumed in a later resolution stage). Lightning's ``trainer.ckpt_path``, when set before ``fit``,
         counts too."""
         self.save_hyperparameters(
-            {"backbone": backbone, "backbone_overrides": self.backbone_overrides, "optim": asdict(self.optim),
-             "objective": type(objective).__name__}
+            {
+                "backbone": backbone,
+                "backbone_overrides": self.backbone_overrides,
+                "optim": asdict(self.optim),
+                "objective": type(objective).__name__,
+            }
         )
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -129,8 +133,13 @@ class LitWebSSL(L.LightningModule):
         blocks = [block for bb in backbones for block in bb.blocks]
         # The position tables stay whole on every rank, out of the sharding, so a resolution stage can change
         # their shape in the middle of the run (callbacks/resolution.py); they are 0.1% of a ViT-7B at 518 px.
-        apply_fsdp2(blocks, [*backbones, self.objective], fsdp2_mesh(self.device_mesh), param_dtype=compute,
-                    replicate=[bb.pos_embed for bb in backbones])
+        apply_fsdp2(
+            blocks,
+            [*backbones, self.objective],
+            fsdp2_mesh(self.device_mesh),
+            param_dtype=compute,
+            replicate=[bb.pos_embed for bb in backbones],
+        )
         self.to_empty(device=self.trainer.strategy.root_device)
         self.backbone.init_weights(materialize=True)
         self.objective.init_weights(self.backbone)
@@ -147,7 +156,8 @@ class LitWebSSL(L.LightningModule):
 
         if str(path) in ("last", "hpc", "best", "registry"):  # resolved exactly as fit will resolve it
             path = self.trainer._checkpoint_connector._parse_ckpt_path(
-                TrainerFn.FITTING, str(path), model_provided=True, model_connected=True)
+                TrainerFn.FITTING, str(path), model_provided=True, model_connected=True
+            )
         with outside_zero_init():  # nothing partitioned, files read as stored
             probe = self.build_backbone(device="meta")  # shapes only
             grid = stored_grid(path, num_prefix_tokens=probe.num_prefix_tokens) if path else None
@@ -167,8 +177,12 @@ class LitWebSSL(L.LightningModule):
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:
-            log.warning("init_from %s: %d tensors not in the file keep their init: %s", self.init_from,
-                        len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+            log.warning(
+                "init_from %s: %d tensors not in the file keep their init: %s",
+                self.init_from,
+                len(missing),
+                ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+            )
 
     @property
     def _family(self) -> str:
@@ -203,16 +217,18 @@ class LitWebSSL(L.LightningModule):
         ZeRO-3, ``callbacks/resolution.py``); the schedule and the groups' settings are kept."""
         if self._optimizer_groups is None:
             raise RuntimeError("rebuild_optimizer() needs configure_optimizers() first")
-        self._optimizer_groups = [{**g, "params": [swaps.get(id(p), p) for p in g["params"]]}
-                                  for g in self._optimizer_groups]
+        self._optimizer_groups = [
+            {**g, "params": [swaps.get(id(p), p) for p in g["params"]]} for g in self._optimizer_groups
+        ]
         return self._make_optimizer([{**g, "params": list(g["params"])} for g in self._optimizer_groups])
 
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         if _offloads_optimizer(getattr(self._trainer, "strategy", None)):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
 
-            return DeepSpeedCPUAdam(groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps,
-                                    adamw_mode=True)
+            return DeepSpeedCPUAdam(
+                groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, adamw_mode=True
+            )
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
             groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
@@ -234,8 +250,9 @@ class LitWebSSL(L.LightningModule):
         for name, param in rounded:
             if param.requires_grad and name in state:
                 safe_set_local_fp32_param(param, partition_of(param, state[name].float()))
-        self.objective.load_fp32_weights({k[len("objective."):]: v for k, v in state.items()
-                                          if k.startswith("objective.")})
+        self.objective.load_fp32_weights(
+            {k[len("objective.") :]: v for k, v in state.items() if k.startswith("objective.")}
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the objective's rank-local fp32 masters (every rank's checkpoint file under DeepSpeed)."""
@@ -287,14 +304,28 @@ class LitWebSSL(L.LightningModule):
         out = self.objective(batch, self.backbone)
         batch_size = len(batch["label"]) if "label" in batch else None
         on_step = prefix == "train"
-        self.log(f"{prefix}/loss", out.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=not on_step)
+        self.log(
+            f"{prefix}/loss",
+            out.loss,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
         metrics = {f"{prefix}/{k}": v for k, v in out.metrics.items()}
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
         if "corrupt" in batch:
             corrupt = batch["corrupt"].sum().float()
-            self.log(f"{prefix}/corrupt_samples", corrupt, on_step=False, on_epoch=True,
-                     reduce_fx="sum", batch_size=batch_size, sync_dist=True)
+            self.log(
+                f"{prefix}/corrupt_samples",
+                corrupt,
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                batch_size=batch_size,
+                sync_dist=True,
+            )
             if on_step:  # a live signal on this rank (an MC-2B epoch is the whole run); no collective
                 self.log(f"{prefix}/corrupt_in_step", corrupt, on_step=True, on_epoch=False, batch_size=batch_size)
         return out.loss
@@ -310,8 +341,12 @@ class LitWebSSL(L.LightningModule):
             average_replicated_grads(self)  # the position tables, which FSDP2 leaves unreduced
         self.objective.on_before_optimizer_step(self.backbone, self.global_step)
 
-    def clip_gradients(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                       gradient_clip_algorithm: str | None = None) -> None:
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Lightning's clipping (``--trainer.gradient_clip_val``); by norm under FSDP2 through
         :func:`lit_webssl.parallel.clip_grad_norm_`, since the gradients there mix ``DTensor`` shards with the
         replicated position tables, which torch's own function refuses."""

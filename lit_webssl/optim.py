@@ -60,8 +60,9 @@ class OptimConfig:
         if self.warmup < 0:
             raise ConfigError(f"--model.optim.warmup must be >= 0, got {self.warmup}")
         if self.total is not None and self.total <= self.warmup:
-            raise ConfigError(f"--model.optim.total ({self.total}) must be larger than --model.optim.warmup "
-                             f"({self.warmup})")
+            raise ConfigError(
+                f"--model.optim.total ({self.total}) must be larger than --model.optim.warmup ({self.warmup})"
+            )
         if self.lr_reference_batch <= 0:
             raise ConfigError(f"--model.optim.lr_reference_batch must be > 0, got {self.lr_reference_batch}")
 

@@ -119,6 +119,7 @@ def reset_parameters_tree(root: nn.Module) -> None:
     ``nn.MultiheadAttention`` names it), children before parents as construction does (a parent's init may
     overwrite its children's: attention zeroes its output projection's bias), each gathered under ZeRO-3: the first
     step of initializing a model materialized from the meta device, whose tensors hold garbage."""
+
     def post_order(module: nn.Module) -> Iterator[nn.Module]:
         for child in module.children():
             yield from post_order(child)
@@ -150,8 +151,10 @@ def param_pairs(target: nn.Module, source: nn.Module, named: bool = False) -> li
     (``(name, target, source)`` with ``named``)."""
     tgt, src = dict(target.named_parameters()), dict(source.named_parameters())
     if tgt.keys() != src.keys():
-        raise RuntimeError(f"{type(target).__name__} and {type(source).__name__} differ in structure: "
-                           f"{sorted(tgt.keys() ^ src.keys())[:5]}")
+        raise RuntimeError(
+            f"{type(target).__name__} and {type(source).__name__} differ in structure: "
+            f"{sorted(tgt.keys() ^ src.keys())[:5]}"
+        )
     for name in tgt:
         if full_shape(tgt[name]) != full_shape(src[name]):
             raise RuntimeError(f"parameter {name}: shapes {full_shape(tgt[name])} and {full_shape(src[name])} differ")
@@ -210,9 +213,9 @@ def partition_of(param: Tensor, whole: Tensor) -> Tensor:
 
         size = param.ds_tensor.ds_numel
         start = dist.get_rank(group=param.ds_process_group) * size
-        flat = whole.reshape(-1)[start:start + size]
+        flat = whole.reshape(-1)[start : start + size]
         part = torch.zeros(size, dtype=whole.dtype, device=param.ds_tensor.device)
-        part[:flat.numel()] = flat
+        part[: flat.numel()] = flat
         return part.view(param.ds_tensor.shape)
     if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
@@ -285,8 +288,10 @@ class ShardedEMA:
         master = self.masters.get(name)
         if master is None:  # first update: the target's current values (the student's init, or a loaded teacher)
             if is_dtensor(param):
-                raise ConfigError("an EMA target stored below fp32 under FSDP2 (--trainer.precision bf16-true?): use "
-                                  "bf16-mixed, whose sharded parameters stay fp32")
+                raise ConfigError(
+                    "an EMA target stored below fp32 under FSDP2 (--trainer.precision bf16-true?): use "
+                    "bf16-mixed, whose sharded parameters stay fp32"
+                )
             master = self._set_master(name, param, local_shard(param).detach().float().clone())
         elif master.device != local_shard(param).device:  # restored from a checkpoint, on the CPU
             master = self.masters[name] = master.to(local_shard(param).device)
@@ -301,8 +306,10 @@ class ShardedEMA:
             if not local.numel():  # a rank holding no part of a small tensor
                 continue
             if local.shape != src.shape:
-                raise RuntimeError(f"EMA: local shards of {prefix}{name} differ in shape ({tuple(local.shape)} vs "
-                                   f"{tuple(src.shape)}); teacher and student must be sharded alike")
+                raise RuntimeError(
+                    f"EMA: local shards of {prefix}{name} differ in shape ({tuple(local.shape)} vs "
+                    f"{tuple(src.shape)}); teacher and student must be sharded alike"
+                )
             if self.needs_master(t):
                 master = self._master(prefix + name, t)
                 accumulators.append(master)
@@ -313,8 +320,9 @@ class ShardedEMA:
                 accumulators.append(local)
                 if _persistent_whole(t):  # fp32 whole copies: updated in place like the partitions, no collective
                     if not _persistent_whole(s):
-                        raise RuntimeError(f"EMA: {prefix}{name} is a persistent ZeRO-3 parameter paired with a "
-                                           "partitioned one")
+                        raise RuntimeError(
+                            f"EMA: {prefix}{name} is a persistent ZeRO-3 parameter paired with a partitioned one"
+                        )
                     accumulators.append(t.data)
                     sources.append(_fp32_on(src, local.device))
                     src = s.data
@@ -343,11 +351,13 @@ class ShardedEMA:
         import torch.distributed as dist
 
         distributed = self.partitioned and dist.is_available() and dist.is_initialized()
-        return {"layout": "zero3" if self.partitioned else "whole",
-                "rank": dist.get_rank() if distributed else 0,
-                "world_size": dist.get_world_size() if distributed else 1,
-                "shapes": {prefix + k: v for k, v in self.shapes.items()},
-                "masters": {prefix + k: v.detach().cpu().clone() for k, v in self.masters.items()}}
+        return {
+            "layout": "zero3" if self.partitioned else "whole",
+            "rank": dist.get_rank() if distributed else 0,
+            "world_size": dist.get_world_size() if distributed else 1,
+            "shapes": {prefix + k: v for k, v in self.shapes.items()},
+            "masters": {prefix + k: v.detach().cpu().clone() for k, v in self.masters.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any], prefix: str = "") -> None:
         """Restore this rank's masters from :meth:`state_dict` (a resumed run; an empty ``state`` drops them, so they
@@ -361,11 +371,13 @@ class ShardedEMA:
 
             world = dist.get_world_size() if dist.is_initialized() else 1
             if state["world_size"] != world:
-                raise ConfigError(f"--ckpt_path: the EMA teacher's fp32 partitions were saved by {state['world_size']}"
-                                  f" ranks, this run has {world}; resume with as many ranks, or start from "
-                                  "`checkpoint convert`'s file with --model.init_from")
-        self.masters = {k[len(prefix):]: v for k, v in state["masters"].items() if k.startswith(prefix)}
-        self.shapes = {k[len(prefix):]: tuple(v) for k, v in state["shapes"].items() if k.startswith(prefix)}
+                raise ConfigError(
+                    f"--ckpt_path: the EMA teacher's fp32 partitions were saved by {state['world_size']}"
+                    f" ranks, this run has {world}; resume with as many ranks, or start from "
+                    "`checkpoint convert`'s file with --model.init_from"
+                )
+        self.masters = {k[len(prefix) :]: v for k, v in state["masters"].items() if k.startswith(prefix)}
+        self.shapes = {k[len(prefix) :]: tuple(v) for k, v in state["shapes"].items() if k.startswith(prefix)}
         self.partitioned = state["layout"] == "zero3"
 
 
@@ -380,18 +392,25 @@ def assemble_masters(states: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
     world = states[0]["world_size"]
     by_rank = {s["rank"]: s for s in states}
     if sorted(by_rank) != list(range(world)):
-        raise ConfigError(f"the EMA teacher's fp32 partitions of ranks {sorted(set(range(world)) - set(by_rank))} "
-                          f"are missing (a checkpoint of {world} ranks)")
+        raise ConfigError(
+            f"the EMA teacher's fp32 partitions of ranks {sorted(set(range(world)) - set(by_rank))} "
+            f"are missing (a checkpoint of {world} ranks)"
+        )
     whole = {}
     for name, shape in states[0]["shapes"].items():
         flat = torch.cat([by_rank[r]["masters"][name].reshape(-1) for r in range(world)])
-        whole[name] = flat[:math.prod(shape)].view(shape).float()
+        whole[name] = flat[: math.prod(shape)].view(shape).float()
     return whole
 
 
-def apply_fsdp2(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: Any,
-                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
-                replicate: Iterable[nn.Parameter] = ()) -> None:
+def apply_fsdp2(
+    blocks: Iterable[nn.Module],
+    roots: Iterable[nn.Module],
+    mesh: Any,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    replicate: Iterable[nn.Parameter] = (),
+) -> None:
     """Shard with FSDP2: each of ``blocks`` is its own ``fully_shard`` unit (one all-gather per block), then each of
     ``roots`` (the modules holding the remaining parameters: embeddings, heads, the LightningModule itself).
 
@@ -524,12 +543,13 @@ def whole_fp32(param: Tensor, local: Tensor | None = None) -> Tensor:
     group = param.ds_process_group
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
     dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)[:param.ds_numel].view(full_shape(param)).cpu()
+    return torch.cat(parts)[: param.ds_numel].view(full_shape(param)).cpu()
 
 
 @torch.no_grad()
-def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict: bool = True,
-                         source: str = "state dict") -> list[str]:
+def load_full_state_dict(
+    module: nn.Module, state: Mapping[str, Tensor], strict: bool = True, source: str = "state dict"
+) -> list[str]:
     """Load a whole (unsharded) state dict into ``module`` however it is sharded, one tensor at a time.
 
     Every rank reads ``state`` (e.g. the same file); a DTensor keeps its own shard of each tensor, a ZeRO-3 parameter
@@ -540,19 +560,28 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], strict:
             ``strict``) lacks some of ``module``'s.
     """
     own = dict(module.named_parameters())
-    own.update({f"{prefix}.{name}" if prefix else name: buf for prefix, sub in module.named_modules()
-                for name, buf in sub.named_buffers(recurse=False) if name not in sub._non_persistent_buffers_set})
+    own.update(
+        {
+            f"{prefix}.{name}" if prefix else name: buf
+            for prefix, sub in module.named_modules()
+            for name, buf in sub.named_buffers(recurse=False)
+            if name not in sub._non_persistent_buffers_set
+        }
+    )
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if unexpected or (strict and missing):
-        raise ConfigError(f"{source}: {len(unexpected)} tensors this model does not have ({', '.join(unexpected[:4])}"
-                          f"{' ...' if len(unexpected) > 4 else ''})"
-                          + (f" and {len(missing)} it lacks ({', '.join(missing[:4])})" if strict and missing else "")
-                          + ": weights of another model or objective?")
+        raise ConfigError(
+            f"{source}: {len(unexpected)} tensors this model does not have ({', '.join(unexpected[:4])}"
+            f"{' ...' if len(unexpected) > 4 else ''})"
+            + (f" and {len(missing)} it lacks ({', '.join(missing[:4])})" if strict and missing else "")
+            + ": weights of another model or objective?"
+        )
     for name, tensor in own.items():
         if name in state and tuple(state[name].shape) != full_shape(tensor):
-            raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model's is "
-                              f"{full_shape(tensor)}")
+            raise ConfigError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, this model's is {full_shape(tensor)}"
+            )
     owner = {id(p): m for m in module.modules() for p in m.parameters(recurse=False)}
     for name, tensor in own.items():
         if name not in state:

@@ -192,8 +192,9 @@ def activation_dtypes(spec: StrategySpec, precision: PrecisionSpec, device_type:
     return regime(precision.compute_bytes, autocast=True, params_half=params_half, device_type=device_type)
 
 
-def estimate_memory(model: LitWebSSL, batch_size: int, settings: TrainerSettings,
-                    device_type: str = "cuda") -> MemoryPlan:
+def estimate_memory(
+    model: LitWebSSL, batch_size: int, settings: TrainerSettings, device_type: str = "cuda"
+) -> MemoryPlan:
     """Per-device memory of a training step of ``model`` (built, e.g. on the meta device) at ``batch_size`` images
     per device under ``settings``. Pure: reads shapes only."""
     if model.backbone is None:
@@ -212,8 +213,9 @@ def estimate_memory(model: LitWebSSL, batch_size: int, settings: TrainerSettings
     plan = MemoryPlan(rows, items, settings, spec, batch_size, checkpointing, dt, modelled)
     if settings.accelerator != "cpu":
         allowance = CONTEXT_GIB * GIB + FRAGMENTATION * plan.peak_device
-        rows.append(Row(f"allowance: CUDA context + NCCL {CONTEXT_GIB:g} GiB, fragmentation {FRAGMENTATION:.0%}",
-                        allowance))
+        rows.append(
+            Row(f"allowance: CUDA context + NCCL {CONTEXT_GIB:g} GiB, fragmentation {FRAGMENTATION:.0%}", allowance)
+        )
     return plan
 
 
@@ -260,9 +262,11 @@ def _gib(nbytes: float) -> str:
 def memory_table(plan: MemoryPlan) -> Table:
     """The per-device table: one row per component, device and host GiB, the peak."""
     s = plan.settings
-    title = (f"per-device memory: {plan.strategy.label}, {s.precision.name}, {s.world_size} devices "
-             f"({s.devices} x {s.num_nodes} nodes), {plan.batch_size} images/device, activation checkpointing "
-             f"{'on' if plan.checkpointing else 'off'}, activations in {plan.dtypes.name} dtypes")
+    title = (
+        f"per-device memory: {plan.strategy.label}, {s.precision.name}, {s.world_size} devices "
+        f"({s.devices} x {s.num_nodes} nodes), {plan.batch_size} images/device, activation checkpointing "
+        f"{'on' if plan.checkpointing else 'off'}, activations in {plan.dtypes.name} dtypes"
+    )
     table = Table(title=title)
     for name, justify in (("component", "left"), ("held", "left"), ("device GiB", "right"), ("host GiB", "right")):
         table.add_column(name, justify=justify)
@@ -294,11 +298,15 @@ def plan_notes(plan: MemoryPlan, model: LitWebSSL) -> list[str]:
     """Assumptions worth reading next to the table."""
     notes = list(plan.settings.notes)
     if not plan.heads_modelled:
-        notes.append(f"{type(model.objective).__name__}: heads and losses are not modelled; activations count one "
-                     "backbone pass per declared view")
+        notes.append(
+            f"{type(model.objective).__name__}: heads and losses are not modelled; activations count one "
+            "backbone pass per declared view"
+        )
     if plan.host:
-        notes.append(f"host memory per node ({plan.settings.devices} devices): "
-                     f"{plan.host * plan.settings.devices / GIB:,.1f} GiB")
+        notes.append(
+            f"host memory per node ({plan.settings.devices} devices): "
+            f"{plan.host * plan.settings.devices / GIB:,.1f} GiB"
+        )
     return notes
 
 
@@ -367,14 +375,17 @@ def print_plan(
 # -- command line -----------------------------------------------------------------------------------------------
 def _plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lit_webssl plan", add_help=False, allow_abbrev=False,
+        prog="python -m lit_webssl plan",
+        add_help=False,
+        allow_abbrev=False,
         description="Per-device memory of the configured run; every other argument is the run's config (--config "
         "FILE, --trainer.strategy ..., as for fit).",
     )
     parser.add_argument("--devices", type=int, help="Devices per node (default: the config's trainer.devices).")
     parser.add_argument("--nodes", type=int, help="Nodes (default: the config's trainer.num_nodes).")
-    parser.add_argument("--device-memory", type=float, metavar="GIB",
-                        help="Memory of one device in GiB: print whether the peak fits.")
+    parser.add_argument(
+        "--device-memory", type=float, metavar="GIB", help="Memory of one device in GiB: print whether the peak fits."
+    )
     parser.add_argument("--detail", action="store_true", help="Also list every activation tensor kind.")
     return parser
 
@@ -396,8 +407,9 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=120)
 
 
-def plan_main(argv: Sequence[str], make_cli: Callable[[list[str]], Any],
-              console: Console | None = None) -> dict[str, Any]:
+def plan_main(
+    argv: Sequence[str], make_cli: Callable[[list[str]], Any], console: Console | None = None
+) -> dict[str, Any]:
     """``plan [--devices N] [--nodes M] [--device-memory GIB] [--detail] --config FILE ...``.
 
     Args:

@@ -10,7 +10,12 @@ from lit_webssl.errors import ConfigError
 
 _DINO = {"patch_size": 14, "ffn": "swiglu", "layerscale": 1e-5, "img_size": 224}
 _MAE = {
-    "patch_size": 14, "ffn": "mlp", "layerscale": None, "img_size": 224, "pos_embed": "sincos", "weight_init": "xavier"
+    "patch_size": 14,
+    "ffn": "mlp",
+    "layerscale": None,
+    "img_size": 224,
+    "pos_embed": "sincos",
+    "weight_init": "xavier",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

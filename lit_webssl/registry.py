@@ -80,8 +80,11 @@ def _entry_points() -> dict[str, Any]:
         keep, drop = (ep, taken) if _source(ep) == BUILTIN and _source(taken) != BUILTIN else (taken, ep)
         found[ep.name] = keep
         if keep.value != drop.value:
-            warnings.warn(f"objective name {ep.name!r} is registered twice: {keep.value} ({_source(keep)}) is used, "
-                          f"{drop.value} ({_source(drop)}) is ignored", stacklevel=2)
+            warnings.warn(
+                f"objective name {ep.name!r} is registered twice: {keep.value} ({_source(keep)}) is used, "
+                f"{drop.value} ({_source(drop)}) is ignored",
+                stacklevel=2,
+            )
     return found
 
 
@@ -118,8 +121,15 @@ def available_objectives() -> dict[str, ObjectiveEntry]:
     entries = []
     for name, ep in _entry_points().items():
         cls, error = _load(ep)
-        entries.append(ObjectiveEntry(name=name, class_path=_class_path(ep.value), source=_source(ep),
-                                      description=_first_line(cls.__doc__) if cls else "", error=error))
+        entries.append(
+            ObjectiveEntry(
+                name=name,
+                class_path=_class_path(ep.value),
+                source=_source(ep),
+                description=_first_line(cls.__doc__) if cls else "",
+                error=error,
+            )
+        )
     entries.sort(key=lambda e: (e.source != BUILTIN, e.name))
     return {e.name: e for e in entries}
 
@@ -147,9 +157,11 @@ def resolve_objective(name_or_path: str) -> str:
         ep = by_class[0] if by_class else None
     if ep is None:
         choices = ", ".join(sorted(eps)) or "none registered"
-        raise ConfigError(f"{FLAG}: unknown objective {name!r}; choose one of: {choices}, or an import path such as "
-                          "my_package.MyObjective (a plugin's short name needs its package installed; "
-                          "`python -m lit_webssl objectives` lists them)")
+        raise ConfigError(
+            f"{FLAG}: unknown objective {name!r}; choose one of: {choices}, or an import path such as "
+            "my_package.MyObjective (a plugin's short name needs its package installed; "
+            "`python -m lit_webssl objectives` lists them)"
+        )
     _, error = _load(ep)
     if error:
         raise ConfigError(f"{FLAG}: objective {ep.name!r} ({ep.value}, from {_source(ep)}) cannot be loaded: {error}")
@@ -246,8 +258,10 @@ def format_objectives(entries: dict[str, ObjectiveEntry]) -> str:
 def objectives_main(argv: list[str]) -> None:
     """``python -m lit_webssl objectives``: list the registered objectives (built-in and plugins)."""
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m lit_webssl objectives\n  list the objectives that --model.objective accepts by short "
-              f"name (entry-point group {GROUP!r}): built-in and installed plugins")
+        print(
+            "usage: python -m lit_webssl objectives\n  list the objectives that --model.objective accepts by short "
+            f"name (entry-point group {GROUP!r}): built-in and installed plugins"
+        )
         return
     if argv:
         raise ConfigError(f"objectives: unexpected arguments {' '.join(argv)!r}")

@@ -164,7 +164,6 @@ class Objective(nn.Module, abc.ABC):
         """Called by ``LitWebSSL`` once the global batch and the schedule length are known (before training)."""
         self.global_batch, self.total_steps, self.schedule_unit = global_batch, total_steps, unit
 
-
     def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
         """Change the crop sizes this objective asks for (a stage of ``ProgressiveResolution``); the caller then
         re-reads :meth:`views` and rebuilds the loaders. ``global_size`` is the side of the main crops (the native
@@ -173,6 +172,7 @@ class Objective(nn.Module, abc.ABC):
         overriding it.
         """
         raise ConfigError(f"{type(self).__name__} does not support resolution stages (it defines no set_resolution)")
+
     def to_steps(self, value: int) -> int:
         """A schedule length given in :attr:`schedule_unit` (steps or samples seen), in optimizer steps."""
         return int(value) if self.schedule_unit == "steps" else math.ceil(value / self.global_batch)

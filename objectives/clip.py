@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
-from lit_webssl.objectives.losses import CLIPLoss
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
 from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
+from lit_webssl.objectives.losses import CLIPLoss
 from lit_webssl.parallel import full_shape, gathered, is_partitioned, reset_parameters_tree
 
 if TYPE_CHECKING:
@@ -104,8 +104,12 @@ class CLIP(Objective):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ConfigError(f"{FLAG}pool must be 'cls' or 'mean', got {pool!r}")
-        for flag, value in (("embed_dim", embed_dim), ("text_width", text_width), ("text_layers", text_layers),
-                            ("text_heads", text_heads)):
+        for flag, value in (
+            ("embed_dim", embed_dim),
+            ("text_width", text_width),
+            ("text_layers", text_layers),
+            ("text_heads", text_heads),
+        ):
             if value < 1:
                 raise ConfigError(f"{FLAG}{flag} must be >= 1, got {value}")
         if text_width % text_heads:
@@ -115,12 +119,19 @@ class CLIP(Objective):
         if not 0.0 < init_temperature <= 1.0:
             raise ConfigError(f"{FLAG}init_temperature must be in (0, 1], got {init_temperature}")
         if max_logit_scale < 1.0 / init_temperature:
-            raise ConfigError(f"{FLAG}max_logit_scale ({max_logit_scale}) must be >= 1 / init_temperature "
-                              f"({1.0 / init_temperature:.4g})")
+            raise ConfigError(
+                f"{FLAG}max_logit_scale ({max_logit_scale}) must be >= 1 / init_temperature "
+                f"({1.0 / init_temperature:.4g})"
+            )
         self.crop_size, self.crop_scale, self.pool = crop_size, tuple(crop_scale), pool
         self.embed_dim, self.context_length = embed_dim, context_length
-        self.text_cfg = {"width": text_width, "layers": text_layers, "heads": text_heads, "mlp_ratio": text_mlp_ratio,
-                         "act_layer": QuickGELU if quick_gelu else nn.GELU}
+        self.text_cfg = {
+            "width": text_width,
+            "layers": text_layers,
+            "heads": text_heads,
+            "mlp_ratio": text_mlp_ratio,
+            "act_layer": QuickGELU if quick_gelu else nn.GELU,
+        }
         self.init_logit_scale = math.log(1.0 / init_temperature)
         self.max_log_scale = math.log(max_logit_scale)
         self.tokenizer = CaptionTokenizer(context_length)
@@ -133,8 +144,13 @@ class CLIP(Objective):
         check_img_size(self.crop_size, backbone.patch_size, f"{FLAG}crop_size")
         with torch.device(backbone.pos_embed.device):
             self.image_proj = nn.Linear(backbone.embed_dim, self.embed_dim, bias=False)
-            self.text = TextTransformer(context_length=self.context_length, vocab_size=VOCAB_SIZE,
-                                        output_dim=self.embed_dim, pool_type="argmax", **self.text_cfg)
+            self.text = TextTransformer(
+                context_length=self.context_length,
+                vocab_size=VOCAB_SIZE,
+                output_dim=self.embed_dim,
+                pool_type="argmax",
+                **self.text_cfg,
+            )
             # shape (1,), not open_clip's 0-d: FSDP2 cannot shard a scalar, and DeepSpeed cannot broadcast one
             self.logit_scale = nn.Parameter(torch.full((1,), self.init_logit_scale))
         if self.image_proj.weight.is_meta:
@@ -158,12 +174,12 @@ class CLIP(Objective):
     def views(self) -> list[ViewSpec]:
         return [ViewSpec("image", size=self.crop_size, scale=self.crop_scale, hflip_p=0.0)]
 
-
     def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
         """Training crops of ``global_size``; this objective has no local crops, so ``local_size`` must be ``None``."""
         if local_size is not None:
             raise ConfigError(f"{type(self).__name__} has no local crops; leave the stage's local_crop_size unset")
         self.crop_size = global_size
+
     def text_transform(self) -> CaptionTokenizer:
         return self.tokenizer
 

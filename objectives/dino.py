@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec, is_no_decay
-from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from lit_webssl.objectives.masking import sample_ibot_masks
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from lit_webssl.backbone import check_img_size
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec, is_no_decay
+from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from lit_webssl.objectives.masking import sample_ibot_masks
 from lit_webssl.optim import cosine_schedule
 from lit_webssl.parallel import (
     ShardedEMA,
@@ -84,8 +84,9 @@ class DINOHead(nn.Module):
         nlayers: Linear layers in the MLP (>= 1).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
@@ -200,21 +201,34 @@ class DINOv2(Objective):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for flag, value in (("momentum_teacher", momentum_teacher), ("final_momentum_teacher", final_momentum_teacher),
-                            ("center_momentum", center_momentum), ("mask_probability", mask_probability)):
+        for flag, value in (
+            ("momentum_teacher", momentum_teacher),
+            ("final_momentum_teacher", final_momentum_teacher),
+            ("center_momentum", center_momentum),
+            ("mask_probability", mask_probability),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{FLAG}{flag} must be in [0, 1], got {value}")
         if local_crops_number < 0:
             raise ConfigError(f"{FLAG}local_crops_number must be >= 0, got {local_crops_number}")
         if local_crops_number == 0 and dino_local_weight != 0:
-            raise ConfigError(f"{FLAG}dino_local_weight={dino_local_weight} needs local crops, but "
-                              f"{FLAG}local_crops_number=0; set the weight to 0 or add local crops")
-        for flag, value in (("student_temp", student_temp), ("teacher_temp", teacher_temp),
-                            ("warmup_teacher_temp", warmup_teacher_temp)):
+            raise ConfigError(
+                f"{FLAG}dino_local_weight={dino_local_weight} needs local crops, but "
+                f"{FLAG}local_crops_number=0; set the weight to 0 or add local crops"
+            )
+        for flag, value in (
+            ("student_temp", student_temp),
+            ("teacher_temp", teacher_temp),
+            ("warmup_teacher_temp", warmup_teacher_temp),
+        ):
             if value <= 0:
                 raise ConfigError(f"{FLAG}{flag} must be > 0, got {value}")
-        for flag, value in (("dino_local_weight", dino_local_weight), ("dino_global_weight", dino_global_weight),
-                            ("ibot_weight", ibot_weight), ("koleo_weight", koleo_weight)):
+        for flag, value in (
+            ("dino_local_weight", dino_local_weight),
+            ("dino_global_weight", dino_global_weight),
+            ("ibot_weight", ibot_weight),
+            ("koleo_weight", koleo_weight),
+        ):
             if value < 0:
                 raise ConfigError(f"{FLAG}{flag} must be >= 0, got {value}")
         lo, hi = mask_ratio_range
@@ -231,13 +245,25 @@ class DINOv2(Objective):
         self.global_crop_size, self.global_crops_scale = global_crop_size, tuple(global_crops_scale)
         self.local_crops_number, self.local_crop_size = local_crops_number, local_crop_size
         self.local_crops_scale = tuple(local_crops_scale)
-        self.head_cfg = {"out_dim": head_prototypes, "hidden_dim": head_hidden_dim,
-                         "bottleneck_dim": head_bottleneck_dim, "nlayers": head_layers}
-        self.ibot_cfg = {"out_dim": ibot_prototypes, "hidden_dim": ibot_hidden_dim,
-                         "bottleneck_dim": ibot_bottleneck_dim, "nlayers": head_layers}
+        self.head_cfg = {
+            "out_dim": head_prototypes,
+            "hidden_dim": head_hidden_dim,
+            "bottleneck_dim": head_bottleneck_dim,
+            "nlayers": head_layers,
+        }
+        self.ibot_cfg = {
+            "out_dim": ibot_prototypes,
+            "hidden_dim": ibot_hidden_dim,
+            "bottleneck_dim": ibot_bottleneck_dim,
+            "nlayers": head_layers,
+        }
         self.ibot_separate_head = ibot_separate_head
-        self.weights = {"dino_local": dino_local_weight, "dino_global": dino_global_weight, "ibot": ibot_weight,
-                        "koleo": koleo_weight}
+        self.weights = {
+            "dino_local": dino_local_weight,
+            "dino_global": dino_global_weight,
+            "ibot": ibot_weight,
+            "koleo": koleo_weight,
+        }
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
         self.teacher_temp_warmup, self.freeze_last_layer = teacher_temp_warmup, freeze_last_layer
@@ -245,8 +271,11 @@ class DINOv2(Objective):
         self.mask_probability, self.mask_ratio_range = mask_probability, (lo, hi)
         self.patch_embed_lr_mult, self.layerwise_decay = patch_embed_lr_mult, layerwise_decay
         self.clip_grad = clip_grad or None
-        self.augment = {"color_jitter_p": color_jitter_p, "color_jitter": tuple(color_jitter),
-                        "grayscale_p": grayscale_p}
+        self.augment = {
+            "color_jitter_p": color_jitter_p,
+            "color_jitter": tuple(color_jitter),
+            "grayscale_p": grayscale_p,
+        }
         self.solarize_p = solarize_p
         self.seed = seed
         ibot_dim = ibot_prototypes if ibot_separate_head else head_prototypes
@@ -304,20 +333,34 @@ class DINOv2(Objective):
         common = {"hflip_p": 0.5, **self.augment}
         views = [
             ViewSpec("global1", self.global_crop_size, scale=self.global_crops_scale, blur_p=1.0, **common),
-            ViewSpec("global2", self.global_crop_size, scale=self.global_crops_scale, blur_p=0.1,
-                     solarize_p=self.solarize_p, **common),
+            ViewSpec(
+                "global2",
+                self.global_crop_size,
+                scale=self.global_crops_scale,
+                blur_p=0.1,
+                solarize_p=self.solarize_p,
+                **common,
+            ),
         ]
         if self.local_crops_number:
-            views.append(ViewSpec("local", self.local_crop_size, count=self.local_crops_number,
-                                  scale=self.local_crops_scale, blur_p=0.5, **common))
+            views.append(
+                ViewSpec(
+                    "local",
+                    self.local_crop_size,
+                    count=self.local_crops_number,
+                    scale=self.local_crops_scale,
+                    blur_p=0.5,
+                    **common,
+                )
+            )
         return views
-
 
     def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
         """Global crops of ``global_size``; local crops of ``local_size`` (``None`` keeps them)."""
         self.global_crop_size = global_size
         if local_size is not None:
             self.local_crop_size = local_size
+
     # -- schedules ----------------------------------------------------------------------------------------------
     def teacher_temp_at(self, step: int) -> float:
         """Linear warmup ``warmup_teacher_temp -> teacher_temp``, then constant."""
@@ -458,9 +501,14 @@ class DINOv2(Objective):
             frozen = frozen_until if ".last_layer." in name else 0
             key = (lr_mult, wd_mult, frozen)
             if key not in groups:
-                groups[key] = {"params": [], "weight_decay": weight_decay * wd_mult, "lr_mult": lr_mult,
-                               "wd_mult": wd_mult, "frozen_until": frozen,
-                               "name": f"lr{lr_mult:g}_wd{wd_mult:g}" + ("_last_layer" if frozen else "")}
+                groups[key] = {
+                    "params": [],
+                    "weight_decay": weight_decay * wd_mult,
+                    "lr_mult": lr_mult,
+                    "wd_mult": wd_mult,
+                    "frozen_until": frozen,
+                    "name": f"lr{lr_mult:g}_wd{wd_mult:g}" + ("_last_layer" if frozen else ""),
+                }
             groups[key]["params"].append(param)
         return list(groups.values())
 
@@ -469,7 +517,7 @@ def _layer_id(name: str, depth: int) -> int:
     """DINOv2's layer id: 0 for the patch embedding and tokens, ``i + 1`` for block ``i``, ``depth + 1`` above."""
     if not name.startswith("backbone."):
         return depth + 1
-    rest = name[len("backbone."):]
+    rest = name[len("backbone.") :]
     if rest.startswith(("patch_embed.", "cls_token", "pos_embed", "mask_token")):
         return 0
     if rest.startswith("blocks."):

@@ -10,21 +10,26 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
-from lit_webssl.objectives.losses import MAELoss, patchify
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lit_webssl.backbone import sincos_pos_embed
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
+from lit_webssl.objectives.losses import MAELoss, patchify
 from lit_webssl.parallel import init_module_tree
 
 if TYPE_CHECKING:
     from lit_webssl.backbone import VisionTransformer
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+def random_masking(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample random masking by argsort of uniform noise (MAE reference).
 
     Returns ``keep_idx`` ``(B, K)`` (sorted by noise), ``mask`` ``(B, N)`` with 1 on removed patches, and
@@ -128,8 +133,12 @@ class MAE(Objective):
         self.crop_scale = tuple(crop_scale)
         self.hflip_p = hflip_p
         self.mask_ratio = mask_ratio
-        self.decoder_cfg = {"dim": decoder_dim, "depth": decoder_depth, "num_heads": decoder_heads,
-                            "mlp_ratio": decoder_mlp_ratio}
+        self.decoder_cfg = {
+            "dim": decoder_dim,
+            "depth": decoder_depth,
+            "num_heads": decoder_heads,
+            "mlp_ratio": decoder_mlp_ratio,
+        }
         self.seed = seed
         self.loss_fn = MAELoss(norm_pix_loss=norm_pix_loss)
         self.decoder: MAEDecoder | None = None
@@ -150,12 +159,12 @@ class MAE(Objective):
     def views(self) -> list[ViewSpec]:
         return [ViewSpec("image", size=self.crop_size, scale=self.crop_scale, hflip_p=self.hflip_p)]
 
-
     def set_resolution(self, global_size: int, local_size: int | None = None) -> None:
         """Training crops of ``global_size``; this objective has no local crops, so ``local_size`` must be ``None``."""
         if local_size is not None:
             raise ConfigError(f"{type(self).__name__} has no local crops; leave the stage's local_crop_size unset")
         self.crop_size = global_size
+
     def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
         images = batch["views"]["image"][:, 0]  # B 3 H W
         b, _, h, w = images.shape

@@ -61,8 +61,14 @@ class BlockMaskGenerator:
         max_aspect: largest aspect ratio; default ``1 / min_aspect``.
     """
 
-    def __init__(self, grid: tuple[int, int], min_num_patches: int = 4, max_num_patches: int | None = None,
-                 min_aspect: float = 0.3, max_aspect: float | None = None) -> None:
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        min_num_patches: int = 4,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
         self.height, self.width = _check_grid(grid)
         self.num_patches = self.height * self.width
         if min_num_patches < 0:
@@ -88,15 +94,18 @@ class BlockMaskGenerator:
         return self.height, self.width
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(grid=({self.height}, {self.width}), min_num_patches={self.min_num_patches}, "
-                f"max_num_patches={self.max_num_patches}, aspect=[{self.min_aspect:.3f}, {self.max_aspect:.3f}])")
+        return (
+            f"{type(self).__name__}(grid=({self.height}, {self.width}), min_num_patches={self.min_num_patches}, "
+            f"max_num_patches={self.max_num_patches}, aspect=[{self.min_aspect:.3f}, {self.max_aspect:.3f}])"
+        )
 
     def __call__(self, num_masking_patches: int, rng: np.random.Generator) -> np.ndarray:
         """One mask with (at most) ``num_masking_patches`` patches: bool array ``(H, W)``."""
         return self.batch(np.asarray([num_masking_patches]), rng)[0]
 
-    def batch(self, num_masking_patches: Sequence[int] | np.ndarray, rng: np.random.Generator,
-              max_blocks: int | None = None) -> np.ndarray:
+    def batch(
+        self, num_masking_patches: Sequence[int] | np.ndarray, rng: np.random.Generator, max_blocks: int | None = None
+    ) -> np.ndarray:
         """Masks for several images at once: ``num_masking_patches`` ``(B,)`` targets -> bool array ``(B, H, W)``.
 
         All images still below their target get one more rectangle per round, so the cost is a few NumPy calls per
@@ -140,8 +149,9 @@ class BlockMaskGenerator:
             first = ok.argmax(axis=1)
             sel = np.arange(k)
             t, le = top[sel, first], left[sel, first]
-            rect = (((rows >= t[:, None]) & (rows < (t + h[sel, first])[:, None]))[:, :, None]
-                    & ((cols >= le[:, None]) & (cols < (le + w[sel, first])[:, None]))[:, None, :])
+            rect = ((rows >= t[:, None]) & (rows < (t + h[sel, first])[:, None]))[:, :, None] & (
+                (cols >= le[:, None]) & (cols < (le + w[sel, first])[:, None])
+            )[:, None, :]
             rect &= placed[:, None, None]
             masks[active] |= rect
             remaining[active] -= np.where(placed, new[sel, first], 0)
@@ -171,9 +181,14 @@ def _check_ratio_range(ratio_range: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-def sample_ibot_masks(n_images: int, grid: tuple[int, int], mask_probability: float = 0.5,
-                      ratio_range: tuple[float, float] = (0.1, 0.5), rng: np.random.Generator | None = None,
-                      generator: BlockMaskGenerator | None = None) -> torch.Tensor:
+def sample_ibot_masks(
+    n_images: int,
+    grid: tuple[int, int],
+    mask_probability: float = 0.5,
+    ratio_range: tuple[float, float] = (0.1, 0.5),
+    rng: np.random.Generator | None = None,
+    generator: BlockMaskGenerator | None = None,
+) -> torch.Tensor:
     """iBOT masks for a batch of ``B = n_images`` crops: bool tensor ``(B, N)``, True = masked patch.
 
     As in DINOv2's collate: ``M = int(B * mask_probability)`` images get a block mask of ``int(N * r_i)`` patches

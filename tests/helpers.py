@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from lit_webssl.datamodules.demo import build_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,21 +24,29 @@ def tiny_demo(root: Path, n_train: int = 160, n_val: int = 60) -> Path:
 def fast_overrides(data_dir: Path, steps: int = 3, run_name: str = "test") -> list[str]:
     """Overrides that make any demo config run a few steps on ``data_dir`` in seconds."""
     return [
-        "--run_name", run_name,
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(max(steps - 1, 1)),
-        "--trainer.limit_val_batches", "1",
-        "--data.init_args.local", str(data_dir),
-        "--data.init_args.batch_size", "16",
-        "--data.init_args.num_workers", "0",
+        "--run_name",
+        run_name,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(max(steps - 1, 1)),
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.init_args.local",
+        str(data_dir),
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.num_workers",
+        "0",
     ]
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m lit_webssl ARGS`` in a subprocess (cwd: the test's tmp dir); ``env`` adds to the environment."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lit_webssl", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lit_webssl", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

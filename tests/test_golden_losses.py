@@ -31,9 +31,18 @@ def record_losses(objective: str, root: Path) -> dict[str, list[float]]:
 
     data = tiny_demo(root)
     torch.set_num_threads(1)
-    main(["fit", "--config", str(CONFIGS / "demo" / DEMOS[objective]), *fast_overrides(data, steps=STEPS),
-          "--trainer.log_every_n_steps", "1",
-          "--trainer.default_root_dir", str(root)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "demo" / DEMOS[objective]),
+            *fast_overrides(data, steps=STEPS),
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(root),
+        ]
+    )
     (metrics,) = Path("runs").glob("test/version_*/metrics.csv")
     out: dict[str, list[float]] = {"train/loss": [], "val/loss": []}
     with metrics.open() as f:
@@ -62,7 +71,14 @@ if __name__ == "__main__":  # regenerate
             os.chdir(tmp)
             os.environ["TMPDIR"] = tmp
             losses = record_losses(name, Path(tmp))
-        record = {"config": f"configs/demo/{DEMOS[name]}", "steps": STEPS, "device": "cpu", "precision": "32-true",
-                  "threads": 1, "torch": torch.__version__, "losses": losses}
+        record = {
+            "config": f"configs/demo/{DEMOS[name]}",
+            "steps": STEPS,
+            "device": "cpu",
+            "precision": "32-true",
+            "threads": 1,
+            "torch": torch.__version__,
+            "losses": losses,
+        }
         (ASSETS / f"{name}_tiny_cpu.json").write_text(json.dumps(record, indent=1) + "\n")
         print(name, losses)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.losses.distributed import all_gather_with_grad
 from torch import Tensor, nn
+
+from lit_webssl.objectives.losses.distributed import all_gather_with_grad
 
 
 class CLIPLoss(nn.Module):
@@ -37,8 +38,10 @@ class CLIPLoss(nn.Module):
             Scalar fp32 loss (autocast is disabled inside).
         """
         if image_features.ndim != 2 or image_features.shape != text_features.shape:
-            raise ValueError(f"image and text features must both be (b, E), got {tuple(image_features.shape)} "
-                             f"and {tuple(text_features.shape)}")
+            raise ValueError(
+                f"image and text features must both be (b, E), got {tuple(image_features.shape)} "
+                f"and {tuple(text_features.shape)}"
+            )
         b, dim = image_features.shape
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             image = F.normalize(image_features.float(), dim=-1)  # b E

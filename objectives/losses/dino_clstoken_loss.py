@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.losses.distributed import all_reduce_max_, all_reduce_sum_
 from torch import Tensor, nn
+
+from lit_webssl.objectives.losses.distributed import all_reduce_max_, all_reduce_sum_
 
 
 def _check_temp(teacher_temp: float) -> None:
@@ -190,8 +191,9 @@ class DINOLoss(CenteredTeacherLoss):
         shape = teacher_probs[0].shape
         for i, t in enumerate(teacher_probs):
             if t.shape != shape or t.ndim < 1 or t.shape[-1] != self.out_dim:
-                raise ValueError(f"teacher_probs[{i}] has shape {tuple(t.shape)}; expected {tuple(shape)} with K="
-                                 f"{self.out_dim}")
+                raise ValueError(
+                    f"teacher_probs[{i}] has shape {tuple(t.shape)}; expected {tuple(shape)} with K={self.out_dim}"
+                )
         for i, s in enumerate(student_logits):
             if s.shape != shape:
                 raise ValueError(f"student_logits[{i}] has shape {tuple(s.shape)}, teacher_probs have {tuple(shape)}")

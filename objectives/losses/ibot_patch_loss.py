@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lit_webssl.objectives.losses.dino_clstoken_loss import CenteredTeacherLoss, _check_2d, sinkhorn_knopp
 from torch import Tensor
+
+from lit_webssl.objectives.losses.dino_clstoken_loss import CenteredTeacherLoss, _check_2d, sinkhorn_knopp
 
 
 class iBOTPatchLoss(CenteredTeacherLoss):  # lowercase i: DINOv2's name

@@ -13,10 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lit_webssl.objectives import DINOv2
 from torch import Tensor
 
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives import DINOv2
 
 
 class StepRecorder(L.Callback):
@@ -38,17 +38,25 @@ class StepRecorder(L.Callback):
         scheduled = pl_module.schedule.lr(step) * group.get("lr_mult", 1.0)
         self.steps[-1]["lr_ratio"] = group["lr"] / scheduled if scheduled else None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                           "views": {k: list(v.shape) for k, v in batch["views"].items()},
-                           "index": batch["index"].tolist()})
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "views": {k: list(v.shape) for k, v in batch["views"].items()},
+                "index": batch["index"].tolist(),
+            }
+        )
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if not trainer.sanity_checking:
-            self.val.append({"step": trainer.global_step,
-                             "views": {k: list(v.shape) for k, v in batch["views"].items()}})
+            self.val.append(
+                {"step": trainer.global_step, "views": {k: list(v.shape) for k, v in batch["views"].items()}}
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +70,10 @@ class StepRecorder(L.Callback):
         else:
             gather = contextlib.nullcontext()
         with gather:  # whole tensors on every rank, whatever the strategy (FSDP2 DTensors are gathered one by one)
-            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach().clone()
-                     for k, v in pl_module.state_dict().items()}
+            state = {
+                k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach().clone()
+                for k, v in pl_module.state_dict().items()
+            }
         moments = {}
         if not partitioned and not any(hasattr(p, "device_mesh") for p in pl_module.parameters()):
             names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -95,32 +105,53 @@ class Zero3BoundaryProbe(L.Callback):
             except KeyError:  # no state yet: a fresh sub-group
                 return None
 
-        partitions = {name: {"fp32": safe_get_local_fp32_param(p).clone(), "exp_avg": moment(p, "exp_avg"),
-                             "exp_avg_sq": moment(p, "exp_avg_sq")}
-                      for name, p in pl_module.named_parameters() if p.requires_grad}
+        partitions = {
+            name: {
+                "fp32": safe_get_local_fp32_param(p).clone(),
+                "exp_avg": moment(p, "exp_avg"),
+                "exp_avg_sq": moment(p, "exp_avg_sq"),
+            }
+            for name, p in pl_module.named_parameters()
+            if p.requires_grad
+        }
         masters = getattr(pl_module.objective.fp32_masters(), "masters", {})  # the teacher's, under bf16
-        tables = {name: whole_fp32(p, masters.get(name.removeprefix("objective.")))
-                  for name, p in pl_module.named_parameters() if name.endswith("pos_embed")}
+        tables = {
+            name: whole_fp32(p, masters.get(name.removeprefix("objective.")))
+            for name, p in pl_module.named_parameters()
+            if name.endswith("pos_embed")
+        }
         return {"partitions": partitions, "tables": tables}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             self.before = self._capture(pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step and self.before is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            torch.save({"before": self.before, "after": self._capture(pl_module)},
-                       self.out / f"boundary_rank{trainer.global_rank}.pt")
+            torch.save(
+                {"before": self.before, "after": self._capture(pl_module)},
+                self.out / f"boundary_rank{trainer.global_rank}.pt",
+            )
 
 
 def tiny_dino_module(init_from: str | None = None, **objective_args: Any) -> LitWebSSL:
     """``vit_debug`` (32 px, patch 4: an 8 x 8 grid, width 32) with a tiny DINOv2 (16 prototypes); not yet built."""
-    objective = DINOv2(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, ibot_prototypes=16,
-                       ibot_hidden_dim=16, ibot_bottleneck_dim=8, global_crop_size=32, local_crop_size=16,
-                       **objective_args)
+    objective = DINOv2(
+        head_prototypes=16,
+        head_hidden_dim=16,
+        head_bottleneck_dim=8,
+        ibot_prototypes=16,
+        ibot_hidden_dim=16,
+        ibot_bottleneck_dim=8,
+        global_crop_size=32,
+        local_crop_size=16,
+        **objective_args,
+    )
     return LitWebSSL(objective, backbone="vit_debug", init_from=init_from)
 
 
@@ -209,22 +240,31 @@ def mixed_clip_worker(rank: int, port: int, root: str) -> None:
         assert replicated_params(model) == [model.table]
         grads = torch.load(Path(root) / f"grads{rank}.pt")
         for name, param in model.named_parameters():
-            param.grad = (distribute_tensor(grads[name], param.device_mesh, param.placements)
-                          if hasattr(param, "device_mesh") else grads[name].clone())
+            param.grad = (
+                distribute_tensor(grads[name], param.device_mesh, param.placements)
+                if hasattr(param, "device_mesh")
+                else grads[name].clone()
+            )
         average_replicated_grads(model)  # the sharded ones: averaged here by hand, as a reduce-scatter would
         for name, param in model.named_parameters():
             if hasattr(param, "device_mesh"):
                 mean = (torch.load(Path(root) / "grads0.pt")[name] + torch.load(Path(root) / "grads1.pt")[name]) / 2
                 param.grad = distribute_tensor(mean, param.device_mesh, param.placements)
         total = clip_grad_norm_(model.parameters(), 0.5)
-        whole_grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                       for n, p in model.named_parameters()}
+        whole_grads = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters()
+        }
         groups = isolate_params([{"params": list(model.parameters()), "weight_decay": 0.1}], replicated_params(model))
         optimizer = torch.optim.AdamW(groups, lr=0.1)
         optimizer.step()
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                  for n, p in model.named_parameters()}
-        torch.save({"total": total, "grads": whole_grads, "params": params, "groups": len(groups)},
-                   Path(root) / f"clip{rank}.pt")
+        params = {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()
+        }
+        torch.save(
+            {"total": total, "grads": whole_grads, "params": params, "groups": len(groups)},
+            Path(root) / f"clip{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()

@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 from helpers import CONFIGS, REPO, free_port, load_weights, tiny_demo
-from lit_webssl.callbacks.resolution import ProgressiveResolution, ResolutionStage, resample_module_grids
-from lit_webssl.objectives import CLIP, MAE, DINOv2
 from resolution_probe import fsdp2_warm_start_worker, tiny_dino_module, write_source_weights
 
 from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, grid_of, sincos_pos_embed
+from lit_webssl.callbacks.resolution import ProgressiveResolution, ResolutionStage, resample_module_grids
 from lit_webssl.checkpoint import checkpoint_kind, read_state_dict, stored_grid
 from lit_webssl.cli import main
 from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives import CLIP, MAE, DINOv2
 
 HERE = Path(__file__).resolve().parent
 FLAG = "--trainer.callbacks ProgressiveResolution"
@@ -42,18 +42,34 @@ def _config(path: Path, out: Path, probe: bool = False) -> str:
     """The two-stage tiny DINOv2 config; ``probe``: with a ``Zero3BoundaryProbe`` at the boundary (ZeRO-3 only)."""
     config = yaml.safe_load((CONFIGS / "demo" / "dino_tiny.yaml").read_text())
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": -1}},
-        *([{"class_path": "resolution_probe.Zero3BoundaryProbe",
-            "init_args": {"out": str(out), "step": STAGES[1]["start"]}}] if probe else []),
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": -1},
+        },
+        *(
+            [
+                {
+                    "class_path": "resolution_probe.Zero3BoundaryProbe",
+                    "init_args": {"out": str(out), "step": STAGES[1]["start"]},
+                }
+            ]
+            if probe
+            else []
+        ),
         {"class_path": "lit_webssl.callbacks.ProgressiveResolution", "init_args": {"stages": STAGES}},
         {"class_path": "resolution_probe.StepRecorder", "init_args": {"out": str(out)}},
     ]
     config["trainer"]["enable_progress_bar"] = False
     config["model"]["backbone_overrides"].update(img_size=16, embed_dim=32, depth=1, num_heads=2)
     config["model"]["objective"]["init_args"].update(
-        head_prototypes=32, head_hidden_dim=32, head_bottleneck_dim=16, ibot_prototypes=32, ibot_hidden_dim=32,
-        ibot_bottleneck_dim=16, freeze_last_layer=1)
+        head_prototypes=32,
+        head_hidden_dim=32,
+        head_bottleneck_dim=16,
+        ibot_prototypes=32,
+        ibot_hidden_dim=32,
+        ibot_bottleneck_dim=16,
+        freeze_last_layer=1,
+    )
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -64,10 +80,26 @@ def _one_thread(one_thread):
 
 
 def _args(config: str, data: Path, run: str, *extra: str, steps: int = STEPS) -> list[str]:
-    return ["fit", "--config", config, "--run_name", run, "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-            "--data.init_args.local", str(data), "--data.init_args.num_workers", "0",
-            "--model.optim.total", "100", *extra]
+    return [
+        "fit",
+        "--config",
+        config,
+        "--run_name",
+        run,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.num_workers",
+        "0",
+        "--model.optim.total",
+        "100",
+        *extra,
+    ]
 
 
 def _on_the_fly(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -98,8 +130,10 @@ def _assert_same_state(a: dict, b: dict) -> None:
     ("stages", "expected"),
     [
         ([{"start": 5, "global_crop_size": 224}], f"{FLAG}.stages[0].start must be 0"),
-        ([{"start": 0, "global_crop_size": 224}, {"start": 0, "global_crop_size": 378}],
-         f"{FLAG}.stages[1].start=0 must be larger than stages[0].start=0"),
+        (
+            [{"start": 0, "global_crop_size": 224}, {"start": 0, "global_crop_size": 378}],
+            f"{FLAG}.stages[1].start=0 must be larger than stages[0].start=0",
+        ),
         ([{"start": 0, "global_crop_size": 224, "batch_size": 0}], f"{FLAG}.stages[0].batch_size must be >= 1"),
         ([{"start": 0, "global_crop_size": 224, "lr_scale": 0.0}], f"{FLAG}.stages[0].lr_scale must be > 0"),
         ([], f"{FLAG}.stages: give at least one stage"),
@@ -114,8 +148,14 @@ def test_bad_stages_are_one_line_errors_naming_the_flag(stages, expected):
 
 
 def _fake_trainer(datamodule, world_size: int = 1, accumulate: int = 1, optimizers=()):
-    return SimpleNamespace(datamodule=datamodule, world_size=world_size, accumulate_grad_batches=accumulate,
-                           optimizers=list(optimizers), strategy=SimpleNamespace(model=None), ckpt_path=None)
+    return SimpleNamespace(
+        datamodule=datamodule,
+        world_size=world_size,
+        accumulate_grad_batches=accumulate,
+        optimizers=list(optimizers),
+        strategy=SimpleNamespace(model=None),
+        ckpt_path=None,
+    )
 
 
 def _fake_datamodule(batch_size: int = 12):
@@ -127,8 +167,9 @@ _module = tiny_dino_module
 
 
 def test_crop_sizes_must_be_multiples_of_the_patch_size():
-    callback = ProgressiveResolution([{"start": 0, "global_crop_size": 32},
-                                      {"start": 10, "global_crop_size": 48, "local_crop_size": 18}])
+    callback = ProgressiveResolution(
+        [{"start": 0, "global_crop_size": 32}, {"start": 10, "global_crop_size": 48, "local_crop_size": 18}]
+    )
     with pytest.raises(ConfigError, match=r"stages\[1\]\.local_crop_size=18 is not divisible by the patch size 4"):
         callback.setup(_fake_trainer(_fake_datamodule()), _module(), "fit")
 
@@ -185,9 +226,13 @@ def test_mixed_fsdp2_and_replicated_gradients_clip_and_step_like_whole_ones(tmp_
 
 def test_samples_convert_to_steps_with_each_previous_stage_global_batch():
     callback = ProgressiveResolution(
-        [ResolutionStage(start=0, global_crop_size=32, batch_size=8),
-         ResolutionStage(start=100, global_crop_size=48, batch_size=4),
-         ResolutionStage(start=200, global_crop_size=64)], unit="samples")
+        [
+            ResolutionStage(start=0, global_crop_size=32, batch_size=8),
+            ResolutionStage(start=100, global_crop_size=48, batch_size=4),
+            ResolutionStage(start=200, global_crop_size=64),
+        ],
+        unit="samples",
+    )
     datamodule = _fake_datamodule(batch_size=12)
     module = _module()
     callback.setup(_fake_trainer(datamodule, world_size=2), module, "fit")
@@ -290,8 +335,15 @@ def test_fit_across_a_boundary_and_resume_on_either_side_is_exact(tmp_path, monk
     # Interrupted in stage 0 (resumes and crosses the boundary itself), and in stage 1 (rebuilds at the 6 x 6 grid).
     for step in (1, 3):
         run = f"resumed{step}"
-        main(_args(_config(tmp_path / f"{run}.yaml", out / run), data, run, "--ckpt_path",
-                   str(ckpts / f"epoch=0-step={step}.ckpt")))
+        main(
+            _args(
+                _config(tmp_path / f"{run}.yaml", out / run),
+                data,
+                run,
+                "--ckpt_path",
+                str(ckpts / f"epoch=0-step={step}.ckpt"),
+            )
+        )
         _assert_same_state(_final(out / "straight"), _final(out / run))
         resumed = json.loads((out / run / "steps_rank0.json").read_text())["train"]
         assert [s["index"] for s in resumed] == [s["index"] for s in record["train"][step:]]
@@ -339,11 +391,40 @@ def _launch(tmp: Path, data: Path, run: str, *extra: str, probe: bool = False) -
     config = _config(tmp / f"{run}.yaml", tmp / "out" / run, probe=probe)
     path = os.pathsep.join([str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lit_webssl",
-           *_args(config, data, run, "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-                  "--model.init_from", str(tmp / "init.ckpt"), "--model.optim.warmup", "0",
-                  f"{OBJ}clip_grad", "0", "--trainer.gradient_clip_val", "null", *extra, steps=4)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lit_webssl",
+        *_args(
+            config,
+            data,
+            run,
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--model.init_from",
+            str(tmp / "init.ckpt"),
+            "--model.optim.warmup",
+            "0",
+            f"{OBJ}clip_grad",
+            "0",
+            "--trainer.gradient_clip_val",
+            "null",
+            *extra,
+            steps=4,
+        ),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -357,8 +438,11 @@ def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
     config = yaml.safe_load(_config(tmp / "probe.yaml", tmp / "probe") and (tmp / "probe.yaml").read_text())
     model = config["model"]
     torch.manual_seed(0)
-    module = LitWebSSL(DINOv2(**model["objective"]["init_args"]), backbone=model["backbone"],
-                       backbone_overrides=model["backbone_overrides"])
+    module = LitWebSSL(
+        DINOv2(**model["objective"]["init_args"]),
+        backbone=model["backbone"],
+        backbone_overrides=model["backbone_overrides"],
+    )
     write_source_weights(tmp / "init.ckpt", img_size=16, source=module)
     _launch(tmp, data, "ddp", "--trainer.strategy", "ddp")
     return tmp, data
@@ -379,15 +463,27 @@ def test_ddp_on_two_ranks_crosses_the_boundary_and_resumes_exactly(ddp_run):
     weights = load_weights(tmp / "runs" / "ddp" / "checkpoints" / "last.ckpt")
     assert weights["objective.teacher.backbone.pos_embed"].shape == (1, 37, 32)
 
-    _launch(tmp, data, "ddp_resumed", "--trainer.strategy", "ddp",
-            "--ckpt_path", str(tmp / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"))
+    _launch(
+        tmp,
+        data,
+        "ddp_resumed",
+        "--trainer.strategy",
+        "ddp",
+        "--ckpt_path",
+        str(tmp / "runs" / "ddp" / "checkpoints" / "epoch=0-step=3.ckpt"),
+    )
     _assert_same_state(ranks[0], _final(out / "ddp_resumed", 0))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("block", "kind", "precision"), [("fsdp2", "dcp", "32-true"),
-                                                         ("deepspeed_zero3", "deepspeed", "32-true"),
-                                                         ("deepspeed_zero3", "deepspeed", "bf16-mixed")])
+@pytest.mark.parametrize(
+    ("block", "kind", "precision"),
+    [
+        ("fsdp2", "dcp", "32-true"),
+        ("deepspeed_zero3", "deepspeed", "32-true"),
+        ("deepspeed_zero3", "deepspeed", "bf16-mixed"),
+    ],
+)
 def test_sharded_on_two_ranks_crosses_the_boundary_and_resumes_exactly(ddp_run, block, kind, precision):
     """The shipped FSDP2 and ZeRO-3 blocks (fp32 here) across the boundary, from the DDP run's weights.
 
@@ -413,8 +509,7 @@ def test_sharded_on_two_ranks_crosses_the_boundary_and_resumes_exactly(ddp_run, 
     assert record == [json.loads((out / "ddp" / f"steps_rank{r}.json").read_text())["train"] for r in (0, 1)]
     ranks = [_final(out / run, rank)["state_dict"] for rank in (0, 1)]
     reference = _final(out / "ddp", 0)["state_dict"]
-    assert ranks[0]["backbone.pos_embed"].shape == ranks[0]["objective.teacher.backbone.pos_embed"].shape \
-        == (1, 37, 32)
+    assert ranks[0]["backbone.pos_embed"].shape == ranks[0]["objective.teacher.backbone.pos_embed"].shape == (1, 37, 32)
     for key in reference:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert torch.isfinite(ranks[0][key].float()).all(), key
@@ -449,8 +544,16 @@ def test_sharded_on_two_ranks_crosses_the_boundary_and_resumes_exactly(ddp_run, 
 
 
 # -- high-resolution stage configs -----------------------------------------------------------------------------------
-TINY_DINO = {"head_prototypes": 16, "head_hidden_dim": 16, "head_bottleneck_dim": 8, "ibot_prototypes": 16,
-             "ibot_hidden_dim": 16, "ibot_bottleneck_dim": 8, "local_crop_size": 8, "local_crops_number": 2}
+TINY_DINO = {
+    "head_prototypes": 16,
+    "head_hidden_dim": 16,
+    "head_bottleneck_dim": 8,
+    "ibot_prototypes": 16,
+    "ibot_hidden_dim": 16,
+    "ibot_bottleneck_dim": 8,
+    "local_crop_size": 8,
+    "local_crops_number": 2,
+}
 
 
 def _shrunk(size: int, data: Path, out: Path | None = None) -> list[str]:
@@ -458,12 +561,30 @@ def _shrunk(size: int, data: Path, out: Path | None = None) -> list[str]:
     ``size`` px on CPU ranks of one node, fp32, 2 images per rank; ``out``: add a :class:`StepRecorder` there."""
     objective = {**TINY_DINO, "global_crop_size": size}
     recorder = {"class_path": "resolution_probe.StepRecorder", "init_args": {"out": str(out)}}
-    return ["--trainer.num_nodes", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-            *([f"--trainer.callbacks+={json.dumps(recorder)}"] if out else []), "--model.backbone", "vit_debug",
-            "--model.backbone_overrides", json.dumps({"img_size": size}), "--model.optim.warmup", "0",
-            "--model.optim.total", "10", *(a for k, v in objective.items() for a in (f"{OBJ}{k}", str(v))),
-            "--data.init_args.local", str(data), "--data.init_args.num_workers", "0",
-            "--data.init_args.batch_size", "2"]
+    return [
+        "--trainer.num_nodes",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+        *([f"--trainer.callbacks+={json.dumps(recorder)}"] if out else []),
+        "--model.backbone",
+        "vit_debug",
+        "--model.backbone_overrides",
+        json.dumps({"img_size": size}),
+        "--model.optim.warmup",
+        "0",
+        "--model.optim.total",
+        "10",
+        *(a for k, v in objective.items() for a in (f"{OBJ}{k}", str(v))),
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "2",
+    ]
 
 
 def _assert_loaded(final: dict, stored: dict, grid: int) -> None:
@@ -481,8 +602,10 @@ def _assert_loaded(final: dict, stored: dict, grid: int) -> None:
 
 
 def test_high_res_configs_chain_224_378_518():
-    configs = {name: yaml.safe_load((CONFIGS / "webdino" / f"{name}.yaml").read_text())
-               for name in ("vit_7b", "vit_7b_378", "vit_7b_518")}
+    configs = {
+        name: yaml.safe_load((CONFIGS / "webdino" / f"{name}.yaml").read_text())
+        for name in ("vit_7b", "vit_7b_378", "vit_7b_518")
+    }
     for previous, name, size in [("vit_7b", "vit_7b_378", 378), ("vit_7b_378", "vit_7b_518", 518)]:
         config = configs[name]
         objective = config["model"]["objective"]["init_args"]
@@ -504,12 +627,39 @@ def test_high_res_config_starts_from_a_converted_224_run(tmp_path, monkeypatch):
     data = tiny_demo(tmp_path, n_train=16, n_val=8)
     run = "runs/webdino_vit_7b"
     # Another seed than the 378 run's (0), so its weights differ from the init the 378 run would draw itself.
-    main(["fit", "--config", str(CONFIGS / "webdino" / "vit_7b.yaml"), "--seed_everything", "1", "--trainer.devices",
-          "1", "--trainer.strategy", "auto", "--trainer.max_steps", "1", *_shrunk(16, data)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "webdino" / "vit_7b.yaml"),
+            "--seed_everything",
+            "1",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.max_steps",
+            "1",
+            *_shrunk(16, data),
+        ]
+    )
     main(["checkpoint", "convert", f"{run}/checkpoints/last.ckpt", f"{run}/model_fp32.ckpt"])
-    main(["fit", "--config", str(CONFIGS / "webdino" / "vit_7b_378.yaml"), "--trainer.devices", "1",
-          "--trainer.strategy", "auto", "--trainer.max_steps", "1", "--model.init_from", f"{run}/model_fp32.ckpt",
-          *_shrunk(24, data, tmp_path / "out")])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "webdino" / "vit_7b_378.yaml"),
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.max_steps",
+            "1",
+            "--model.init_from",
+            f"{run}/model_fp32.ckpt",
+            *_shrunk(24, data, tmp_path / "out"),
+        ]
+    )
     record = json.loads((tmp_path / "out" / "steps_rank0.json").read_text())["train"]
     assert [s["views"]["global1"] for s in record] == [[2, 1, 3, 24, 24]]  # the first step ran at the new grid
     final = _final(tmp_path / "out")["state_dict"]
@@ -526,11 +676,36 @@ def test_high_res_stage_starts_from_init_from_under_sharded_strategies_on_two_ra
     data = tiny_demo(tmp_path, n_train=16, n_val=8)
     config = CONFIGS / "webdino" / "vit_7b_378.yaml"
     extra = ["--trainer.strategy.class_path", "cpu_strategies.CPUDeepSpeedStrategy"] if "deepspeed" in strategy else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lit_webssl", "fit",
-           "--config", str(config), "--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), *extra,
-           "--trainer.devices", "2", "--trainer.max_steps", "2", "--model.activation_checkpointing", "false",
-           "--model.init_from", str(tmp_path / "source.ckpt"), *_shrunk(24, data, tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lit_webssl",
+        "fit",
+        "--config",
+        str(config),
+        "--config",
+        str(CONFIGS / "strategy" / f"{strategy}.yaml"),
+        *extra,
+        "--trainer.devices",
+        "2",
+        "--trainer.max_steps",
+        "2",
+        "--model.activation_checkpointing",
+        "false",
+        "--model.init_from",
+        str(tmp_path / "source.ckpt"),
+        *_shrunk(24, data, tmp_path / "out"),
+    ]
     path = os.pathsep.join([str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)

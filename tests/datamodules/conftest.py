@@ -6,8 +6,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from lit_webssl.datamodules.demo import build_demo_dataset
 from streaming.base.util import clean_stale_shared_memory
+
+from lit_webssl.datamodules.demo import build_demo_dataset
 
 N_TRAIN, N_VAL, SIZE = 48, 20, 40
 
@@ -25,5 +26,6 @@ def _streaming_isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny demo set (read-only for tests): 48 train + 20 val images of 40 px."""
-    return build_demo_dataset(tmp_path_factory.mktemp("data") / "demo", n_train=N_TRAIN, n_val=N_VAL,
-                              image_size=SIZE, seed=1)
+    return build_demo_dataset(
+        tmp_path_factory.mktemp("data") / "demo", n_train=N_TRAIN, n_val=N_VAL, image_size=SIZE, seed=1
+    )

@@ -16,14 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from lit_webssl.datamodules import WebSSLDataModule, decode_image
-from lit_webssl.datamodules import convert as cv
-from lit_webssl.objectives.base import ViewSpec
 from PIL import Image
 from s3server import moto_server_fixture, s3_bucket_fixture  # noqa: F401  (pytest fixtures)
 from streaming.base.local import LocalDataset
 
 from lit_webssl.cli import main as cli_main
+from lit_webssl.datamodules import WebSSLDataModule, decode_image
+from lit_webssl.datamodules import convert as cv
+from lit_webssl.objectives.base import ViewSpec
 
 VIEWS = [ViewSpec("global", size=16, count=1, scale=(0.5, 1.0))]
 DEFAULTS = ["--no-progress", "--workers", "1", "--min-size", "16"]  # later flags override these
@@ -72,11 +72,25 @@ def _folder(root: Path) -> dict[str, bytes]:
 def test_folder_with_sidecar_keeps_jpegs_reencodes_bmp_and_lists_bad_files(tmp_path):
     good = _folder(tmp_path / "in")
     sidecar = tmp_path / "meta.csv"
-    sidecar.write_text("path,caption,label\na/img1.jpg,\"a cat, sitting\",cat\nb/img3.png,a dog,dog\n"
-                       "b/deep/img4.jpg,,dog\nmissing.jpg,gone,cat\n")
+    sidecar.write_text(
+        'path,caption,label\na/img1.jpg,"a cat, sitting",cat\nb/img3.png,a dog,dog\n'
+        "b/deep/img4.jpg,,dog\nmissing.jpg,gone,cat\n"
+    )
     out = tmp_path / "mds" / "train"
-    summary = _convert("--from", "folder", "--in", str(tmp_path / "in"), "--out", str(out), "--sidecar",
-                       str(sidecar), "--min-size", "16", "--chunk-size", "3")
+    summary = _convert(
+        "--from",
+        "folder",
+        "--in",
+        str(tmp_path / "in"),
+        "--out",
+        str(out),
+        "--sidecar",
+        str(sidecar),
+        "--min-size",
+        "16",
+        "--chunk-size",
+        "3",
+    )
     samples = {s["source"]: s for s in _read(out.parent)}
     assert sorted(samples) == sorted(good) and summary.samples == 6 and summary.reencoded == 1
     for name, data in good.items():
@@ -101,8 +115,17 @@ def test_folder_class_subfolders_and_jsonl_sidecar(tmp_path):
     sidecar = tmp_path / "in" / "captions.jsonl"  # inside --in: not listed as a stray file
     sidecar.write_text("\n".join(json.dumps({"file": n, "text": f"caption {n}"}) for n in good) + "\n")
     out = tmp_path / "out"
-    _convert("--from", "folder", "--in", str(tmp_path / "in"), "--out", str(out), "--sidecar", str(sidecar),
-             "--class-folders")
+    _convert(
+        "--from",
+        "folder",
+        "--in",
+        str(tmp_path / "in"),
+        "--out",
+        str(out),
+        "--sidecar",
+        str(sidecar),
+        "--class-folders",
+    )
     samples = {s["source"]: s for s in _read(tmp_path, "out")}
     assert {n: s["label"] for n, s in samples.items()} == {n: int(n.startswith("b/")) for n in good}
     assert all(s["caption"] == f"caption {n}" for n, s in samples.items())
@@ -122,13 +145,21 @@ def _tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -
 
 def test_webdataset_shards_group_members_by_key(tmp_path):
     (tmp_path / "wds").mkdir()
-    _tar(tmp_path / "wds" / "00000.tar", [
-        ("s/000.jpg", _encode(0)), ("s/000.txt", b"first caption"), ("s/000.cls", b"3"),
-        ("s/001.png", _encode(1, fmt="PNG")), ("s/001.json", json.dumps({"caption": "from json", "label": 5}).encode()),
-        ("s/002.txt", b"a caption without its image"),
-        ("s/003.jpg", BAD["corrupt.jpg"][0]), ("s/003.txt", b"corrupt"),
-        ("s/004.webp", _encode(4, fmt="WEBP")), ("s/004.extra.json", b"{}"),
-    ])
+    _tar(
+        tmp_path / "wds" / "00000.tar",
+        [
+            ("s/000.jpg", _encode(0)),
+            ("s/000.txt", b"first caption"),
+            ("s/000.cls", b"3"),
+            ("s/001.png", _encode(1, fmt="PNG")),
+            ("s/001.json", json.dumps({"caption": "from json", "label": 5}).encode()),
+            ("s/002.txt", b"a caption without its image"),
+            ("s/003.jpg", BAD["corrupt.jpg"][0]),
+            ("s/003.txt", b"corrupt"),
+            ("s/004.webp", _encode(4, fmt="WEBP")),
+            ("s/004.extra.json", b"{}"),
+        ],
+    )
     second = [(f"t/{i:03d}.jpg", _encode(10 + i, (64, 64))) for i in range(4)]
     _tar(tmp_path / "full.tar", second)
     full = (tmp_path / "full.tar").read_bytes()
@@ -137,8 +168,14 @@ def test_webdataset_shards_group_members_by_key(tmp_path):
     out = tmp_path / "out"
     summary = _convert("--from", "wds", "--in", str(tmp_path / "wds"), "--out", str(out))
     samples = {s["source"]: s for s in _read(tmp_path, "out")}
-    assert sorted(samples) == ["00000.tar/s/000", "00000.tar/s/001", "00000.tar/s/004",
-                               "00001.tar/t/000", "00001.tar/t/001", "00001.tar/t/002"]
+    assert sorted(samples) == [
+        "00000.tar/s/000",
+        "00000.tar/s/001",
+        "00000.tar/s/004",
+        "00001.tar/t/000",
+        "00001.tar/t/001",
+        "00001.tar/t/002",
+    ]
     assert (samples["00000.tar/s/000"]["caption"], samples["00000.tar/s/000"]["label"]) == ("first caption", 3)
     assert (samples["00000.tar/s/001"]["caption"], samples["00000.tar/s/001"]["label"]) == ("from json", 5)
     assert (samples["00000.tar/s/004"]["caption"], samples["00000.tar/s/004"]["label"]) == ("", -1)
@@ -154,22 +191,32 @@ def test_parquet_binary_and_struct_image_columns(tmp_path):
     images = [_encode(i) for i in range(5)]
     images[2] = None
     images[3] = BAD["truncated.jpg"][0]
-    table = pa.table({"jpg": pa.array(images, pa.binary()), "text": [f"row {i}" for i in range(5)],
-                      "label": pa.array(range(5), pa.int64()), "url": ["u"] * 5})
+    table = pa.table(
+        {
+            "jpg": pa.array(images, pa.binary()),
+            "text": [f"row {i}" for i in range(5)],
+            "label": pa.array(range(5), pa.int64()),
+            "url": ["u"] * 5,
+        }
+    )
     pq.write_table(table, tmp_path / "pq" / "a.parquet", row_group_size=2)
-    struct = pa.array([{"bytes": _encode(20), "path": "x.jpg"}, {"bytes": _encode(21, fmt="PNG"), "path": None}],
-                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-    pq.write_table(pa.table({"jpg": struct, "text": ["s0", "s1"], "label": pa.array([7, 8], pa.int64()),
-                             "url": ["u"] * 2}), tmp_path / "pq" / "b.parquet")
+    struct = pa.array(
+        [{"bytes": _encode(20), "path": "x.jpg"}, {"bytes": _encode(21, fmt="PNG"), "path": None}],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    pq.write_table(
+        pa.table({"jpg": struct, "text": ["s0", "s1"], "label": pa.array([7, 8], pa.int64()), "url": ["u"] * 2}),
+        tmp_path / "pq" / "b.parquet",
+    )
     with pytest.raises(cv.ConfigError, match="--image-field: no binary"):
-        _convert("--from", "parquet", "--in", str(tmp_path / "pq"), "--out", str(tmp_path / "x"),
-                 "--image-field", "url")
+        _convert(
+            "--from", "parquet", "--in", str(tmp_path / "pq"), "--out", str(tmp_path / "x"), "--image-field", "url"
+        )
     out = tmp_path / "out"
     summary = _convert("--from", "parquet", "--in", str(tmp_path / "pq"), "--out", str(out))
     assert summary.chunks == 4  # three row groups of a.parquet, one of b.parquet
     samples = _read(tmp_path, "out")
-    assert [s["source"] for s in samples] == ["a.parquet#0", "a.parquet#1", "a.parquet#4", "b.parquet#0",
-                                              "b.parquet#1"]
+    assert [s["source"] for s in samples] == ["a.parquet#0", "a.parquet#1", "a.parquet#4", "b.parquet#0", "b.parquet#1"]
     assert [s["label"] for s in samples] == [0, 1, 4, 7, 8]
     assert [s["caption"] for s in samples] == ["row 0", "row 1", "row 4", "s0", "s1"]
     assert samples[0]["image"] == images[0] and samples[3]["image"] == _encode(20)
@@ -199,14 +246,29 @@ def test_resume_after_a_kill_gives_the_same_dataset(tmp_path):
     for i in range(6, 20):
         (tmp_path / "in" / "c" / f"img{i}.jpg").parent.mkdir(exist_ok=True)
         (tmp_path / "in" / "c" / f"img{i}.jpg").write_bytes(_encode(i, (48, 40)))
-    args = ["--from", "folder", "--in", str(tmp_path / "in"), "--chunk-size", "4", "--shard-size", "2KiB",
-            "--min-size", "16"]
+    args = [
+        "--from",
+        "folder",
+        "--in",
+        str(tmp_path / "in"),
+        "--chunk-size",
+        "4",
+        "--shard-size",
+        "2KiB",
+        "--min-size",
+        "16",
+    ]
     reference = tmp_path / "reference"
     _convert(*args, "--out", str(reference))
     out = tmp_path / "out"
     env = {**os.environ, "KILL_AT": "15"}  # SIGKILL at the 3rd image of chunk 3, its first shard already written
-    killed = subprocess.run([sys.executable, "-c", KILLER, *DEFAULTS, *args, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *DEFAULTS, *args, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9, killed.stderr
     assert (out / "part.00002" / "convert.done").is_file() and not (out / "part.00003" / "convert.done").exists()
     assert list((out / "part.00003").glob("shard.*.mds")) and not (out / "index.json").exists()
@@ -247,22 +309,25 @@ def test_parallel_workers_give_the_same_dataset_as_one(tmp_path):
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
-@pytest.mark.parametrize(("args", "flag"), [
-    (["--from", "zip", "--in", "IN", "--out", "OUT"], "--from"),
-    (["--from", "folder", "--out", "OUT"], "--in"),
-    (["--from", "folder", "--in", "IN", "--out", "OUT", "--workers", "0"], "--workers"),
-    (["--from", "folder", "--in", "IN", "--out", "OUT", "--workers", "two"], "--workers"),
-    (["--from", "folder", "--in", "IN", "--out", "OUT", "--min-size", "-1"], "--min-size"),
-    (["--from", "folder", "--in", "IN", "--out", "OUT", "--shard-size", "lots"], "--shard-size"),
-    (["--from", "wds", "--in", "IN", "--out", "OUT", "--sidecar", "m.csv"], "--sidecar"),
-    (["--from", "wds", "--in", "IN", "--out", "OUT"], "--in"),  # no tar shards there
-    (["--from", "folder", "--in", "nowhere", "--out", "OUT"], "--in"),
-    (["--from", "folder", "--in", "IN", "--out", "ftp://host/x"], "--out"),
-    (["--from", "folder", "--in", "IN", "--out", "OTHER"], "--out"),  # not empty and holds no conversion
-    (["--from", "folder", "--in", "IN", "--out", "OTHER", "--overwrite"], "--overwrite"),  # ... so not deleted
-    (["--from", "folder", "--in", "IN", "--out", "IN/mds"], "--out"),  # inside --in
-    (["--from", "folder", "--in", "IN", "--out", "OUT", "--bogus"], "--bogus"),
-])
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--from", "zip", "--in", "IN", "--out", "OUT"], "--from"),
+        (["--from", "folder", "--out", "OUT"], "--in"),
+        (["--from", "folder", "--in", "IN", "--out", "OUT", "--workers", "0"], "--workers"),
+        (["--from", "folder", "--in", "IN", "--out", "OUT", "--workers", "two"], "--workers"),
+        (["--from", "folder", "--in", "IN", "--out", "OUT", "--min-size", "-1"], "--min-size"),
+        (["--from", "folder", "--in", "IN", "--out", "OUT", "--shard-size", "lots"], "--shard-size"),
+        (["--from", "wds", "--in", "IN", "--out", "OUT", "--sidecar", "m.csv"], "--sidecar"),
+        (["--from", "wds", "--in", "IN", "--out", "OUT"], "--in"),  # no tar shards there
+        (["--from", "folder", "--in", "nowhere", "--out", "OUT"], "--in"),
+        (["--from", "folder", "--in", "IN", "--out", "ftp://host/x"], "--out"),
+        (["--from", "folder", "--in", "IN", "--out", "OTHER"], "--out"),  # not empty and holds no conversion
+        (["--from", "folder", "--in", "IN", "--out", "OTHER", "--overwrite"], "--overwrite"),  # ... so not deleted
+        (["--from", "folder", "--in", "IN", "--out", "IN/mds"], "--out"),  # inside --in
+        (["--from", "folder", "--in", "IN", "--out", "OUT", "--bogus"], "--bogus"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, capsys, args, flag):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(_encode(0))
@@ -279,18 +344,41 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, capsys, args, 
 def test_convert_folder_straight_to_s3_and_resume_there(tmp_path, s3_bucket):
     good = _folder(tmp_path / "in")
     url = s3_bucket.url("converted", "train")
-    args = ["--from", "folder", "--in", str(tmp_path / "in"), "--out", url, "--chunk-size", "5",
-            "--manifest", str(tmp_path / "skipped.jsonl")]
+    args = [
+        "--from",
+        "folder",
+        "--in",
+        str(tmp_path / "in"),
+        "--out",
+        url,
+        "--chunk-size",
+        "5",
+        "--manifest",
+        str(tmp_path / "skipped.jsonl"),
+    ]
     assert _convert(*args, "--workers", "2").samples == len(good)
     keys = s3_bucket.keys("converted/train/")
-    assert {"converted/train/index.json", "converted/train/skipped.jsonl", "converted/train/convert_plan.json",
-            "converted/train/part.00000/convert.done", "converted/train/part.00000/shard.00000.mds"} <= set(keys)
+    assert {
+        "converted/train/index.json",
+        "converted/train/skipped.jsonl",
+        "converted/train/convert_plan.json",
+        "converted/train/part.00000/convert.done",
+        "converted/train/part.00000/shard.00000.mds",
+    } <= set(keys)
     assert _manifest(tmp_path / "skipped.jsonl")["b/corrupt.jpg"] == "undecodable"
     assert _convert(*args, "--resume").resumed == 2
     with pytest.raises(cv.ConfigError, match="--out: .* holds a conversion"):
         _convert(*args)
-    dm = WebSSLDataModule(str(tmp_path / "cache"), remote=s3_bucket.url("converted"), val_split=None,
-                          batch_size=2, num_workers=0, pin_memory=False, drop_last=False, caption_key="caption")
+    dm = WebSSLDataModule(
+        str(tmp_path / "cache"),
+        remote=s3_bucket.url("converted"),
+        val_split=None,
+        batch_size=2,
+        num_workers=0,
+        pin_memory=False,
+        drop_last=False,
+        caption_key="caption",
+    )
     dm.set_views(VIEWS)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -300,10 +388,18 @@ def test_convert_folder_straight_to_s3_and_resume_there(tmp_path, s3_bucket):
 def test_converted_folder_trains_through_the_datamodule(tmp_path):
     for split in ("train", "val"):
         _folder(tmp_path / "in" / split)
-        _convert("--from", "folder", "--in", str(tmp_path / "in" / split), "--out", str(tmp_path / "data" / split),
-                 "--class-folders")
-    dm = WebSSLDataModule(str(tmp_path / "data"), batch_size=3, num_workers=0, pin_memory=False, drop_last=False,
-                          caption_key="caption")
+        _convert(
+            "--from",
+            "folder",
+            "--in",
+            str(tmp_path / "in" / split),
+            "--out",
+            str(tmp_path / "data" / split),
+            "--class-folders",
+        )
+    dm = WebSSLDataModule(
+        str(tmp_path / "data"), batch_size=3, num_workers=0, pin_memory=False, drop_last=False, caption_key="caption"
+    )
     dm.set_views(VIEWS)
     dm.setup("fit")
     batches = list(dm.train_dataloader())

@@ -42,8 +42,9 @@ class RecordSampleIds(L.Callback):
     def __init__(self, out: str, tag: str) -> None:
         self.out, self.tag = out, tag
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "index": batch["index"].tolist()}
         with open(os.path.join(self.out, f"{self.tag}.rank{trainer.global_rank}.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -53,13 +54,22 @@ def _config(out: Path, tag: str) -> str:
     """mae_tiny shrunk to a one-block ViT, checkpoints every 3 steps (kept), the recorder, no validation."""
     config = yaml.safe_load((CONFIGS / "demo" / "mae_tiny.yaml").read_text())
     config["trainer"].update(
-        devices=RANKS, accelerator="cpu", limit_val_batches=0, val_check_interval=None, check_val_every_n_epoch=1,
-        num_sanity_val_steps=0, enable_progress_bar=False, log_every_n_steps=1,
+        devices=RANKS,
+        accelerator="cpu",
+        limit_val_batches=0,
+        val_check_interval=None,
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
         callbacks=[
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"save_last": True, "every_n_train_steps": 3, "save_top_k": -1}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "every_n_train_steps": 3, "save_top_k": -1},
+            },
             {"class_path": "test_data_resume.RecordSampleIds", "init_args": {"out": str(out), "tag": tag}},
-        ])
+        ],
+    )
     config["model"]["backbone_overrides"].update(embed_dim=32, depth=1, num_heads=2)
     config["model"]["objective"]["init_args"].update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
     config["model"]["optim"]["total"] = 100  # one schedule for every run length
@@ -69,9 +79,24 @@ def _config(out: Path, tag: str) -> str:
 
 
 def _args(data: Path, out: Path, tag: str, run: str, steps: int, *extra: str) -> list[str]:
-    return ["fit", "--config", _config(out, tag), "--run_name", run, "--trainer.max_steps", str(steps),
-            "--data.init_args.local", str(data), "--data.init_args.batch_size", str(BATCH),
-            "--data.init_args.num_workers", "2", "--data.init_args.val_split", "null", *extra]
+    return [
+        "fit",
+        "--config",
+        _config(out, tag),
+        "--run_name",
+        run,
+        "--trainer.max_steps",
+        str(steps),
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.batch_size",
+        str(BATCH),
+        "--data.init_args.num_workers",
+        "2",
+        "--data.init_args.val_split",
+        "null",
+        *extra,
+    ]
 
 
 def _fork_fit(*args: str) -> None:
@@ -85,13 +110,20 @@ def _script_fit(*args: str) -> None:
     gives its ranks (``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``, the rendezvous; no ``RANK`` and no
     ``LOCAL_WORLD_SIZE``, which Streaming reads)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0",
-               WORLD_SIZE=str(RANKS),
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env.update(
+        PYTHONWARNINGS="ignore",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        NODE_RANK="0",
+        WORLD_SIZE=str(RANKS),
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    )
     command = [sys.executable, "-m", "lit_webssl", *args, "--trainer.strategy", "ddp_find_unused_parameters_true"]
     logs = [open(out, "w+") for out in (f"script_rank{r}.log" for r in range(RANKS))]  # noqa: SIM115
-    ranks = [subprocess.Popen(command, env={**env, "LOCAL_RANK": str(r)}, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(RANKS)]
+    ranks = [
+        subprocess.Popen(command, env={**env, "LOCAL_RANK": str(r)}, stdout=logs[r], stderr=subprocess.STDOUT)
+        for r in range(RANKS)
+    ]
     deadline = time.monotonic() + 300
     while any(p.poll() is None for p in ranks) and time.monotonic() < deadline:
         if any(p.returncode for p in ranks):  # one rank failed: the others would wait for it until gloo's timeout
@@ -109,8 +141,9 @@ def _script_fit(*args: str) -> None:
 
 def _records(out: Path, tag: str) -> list[dict[str, Any]]:
     """Per step: ``{"step", "epoch", "index": [ids of rank 0, ids of rank 1]}``."""
-    ranks = [[json.loads(line) for line in (out / f"{tag}.rank{r}.jsonl").read_text().splitlines()]
-             for r in range(RANKS)]
+    ranks = [
+        [json.loads(line) for line in (out / f"{tag}.rank{r}.jsonl").read_text().splitlines()] for r in range(RANKS)
+    ]
     steps = []
     for rows in zip(*ranks, strict=True):
         assert len({(row["step"], row["epoch"]) for row in rows}) == 1, rows

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFont
+from streaming import MDSWriter
+from streaming.base.format.mds.encodings import mds_decode
+
+from lit_webssl.cli import main as cli_main
 from lit_webssl.datamodules.demo import (
     CLASSES,
     HEAVY_KINDS,
@@ -35,15 +40,11 @@ from lit_webssl.datamodules.filter import (
     main,
     read_index,
 )
-from PIL import Image, ImageDraw, ImageFont
-from streaming import MDSWriter
-from streaming.base.format.mds.encodings import mds_decode
-
-from lit_webssl.cli import main as cli_main
 from lit_webssl.errors import ConfigError
 
-needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None,
-                                     reason="the tesseract binary is not installed (apt-get install tesseract-ocr)")
+needs_tesseract = pytest.mark.skipif(
+    shutil.which("tesseract") is None, reason="the tesseract binary is not installed (apt-get install tesseract-ocr)"
+)
 
 
 def _png(picture: Image.Image) -> bytes:
@@ -155,8 +156,9 @@ def test_filter_split_layout_keeps_exactly_the_passing_samples(text_root: Path, 
         for row, (src, score) in zip(kept, expected, strict=True):
             assert {k: row[k] for k in src} == src  # every original column, byte for byte, in order
             assert row["text_score"] == score["light"]
-            assert row["text_level"] == ("heavy" if score["heavy"] >= DEFAULT_THRESHOLDS["classical"]["heavy"]
-                                         else "light")
+            assert row["text_level"] == (
+                "heavy" if score["heavy"] >= DEFAULT_THRESHOLDS["classical"]["heavy"] else "light"
+            )
         result = summary["splits"][split]
         assert result["samples"] == len(source) and result["kept_fraction"] == len(kept) / len(source)
         positives = sum(r["text_truth"] != "none" for r in source)
@@ -168,16 +170,33 @@ def test_filter_split_layout_keeps_exactly_the_passing_samples(text_root: Path, 
 
 def test_filter_flat_layout_drops_undecodable_and_refilters(tmp_path: Path):
     src = tmp_path / "flat"
-    images = [_png(Image.fromarray(_words_image(PAGE, px=14))), b"not an image",
-              _png(Image.fromarray(_no_text()[1])), _png(Image.fromarray(_words_image(SIGN, px=30)))]
-    with MDSWriter(out=str(src), columns={"image": "bytes", "id": "int", "url": "str"}, compression="zstd",
-                   progress_bar=False) as writer:
+    images = [
+        _png(Image.fromarray(_words_image(PAGE, px=14))),
+        b"not an image",
+        _png(Image.fromarray(_no_text()[1])),
+        _png(Image.fromarray(_words_image(SIGN, px=30))),
+    ]
+    with MDSWriter(
+        out=str(src), columns={"image": "bytes", "id": "int", "url": "str"}, compression="zstd", progress_bar=False
+    ) as writer:
         for i, image in enumerate(images):
             writer.write({"image": image, "id": i, "url": f"https://example.com/{i}.png"})
     for raw in src.glob("shard.*.mds"):
         raw.unlink()  # only the compressed shards remain, as in a remote dataset's cache
-    summary = main(["--in", str(src), "--out", str(tmp_path / "heavy"), "--keep", "heavy", "--scorer", "classical",
-                    "--workers", "1"])
+    summary = main(
+        [
+            "--in",
+            str(src),
+            "--out",
+            str(tmp_path / "heavy"),
+            "--keep",
+            "heavy",
+            "--scorer",
+            "classical",
+            "--workers",
+            "1",
+        ]
+    )
     assert (tmp_path / "heavy" / "index.json").is_file()
     assert summary["splits"]["."]["undecodable"] == 1 and summary["splits"]["."]["samples"] == 4
     assert [r["id"] for r in _rows(tmp_path / "heavy")] == [0]
@@ -199,19 +218,22 @@ def test_filter_flat_layout_drops_undecodable_and_refilters(tmp_path: Path):
     assert empty["splits"]["."]["samples"] == 0 and _rows(tmp_path / "empty") == []
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (["--keep", "medium"], "--keep"),
-    (["--keep", "light", "--scorer", "magic"], "--scorer"),
-    (["--keep", "light", "--workers", "0"], "--workers"),
-    (["--keep", "light", "--threshold", "-1"], "--threshold"),
-    (["--keep", "light", "--threshold", "nan"], "--threshold"),
-    (["--keep", "light", "--scorer", "vlm"], "--vlm-model"),
-    (["--keep", "light", "--scorer", "ocr", "--vlm-model", "m"], "--vlm-model"),
-    (["--keep", "light", "--vlm-model", "no/such/dir"], "--vlm-model"),
-    (["--keep", "light", "--image-key", "picture"], "--image-key"),
-    (["--keep", "light", "--in", "no/such/dir"], "--in"),
-    (["--in", "x", "--out", "y"], "--keep"),
-])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--keep", "medium"], "--keep"),
+        (["--keep", "light", "--scorer", "magic"], "--scorer"),
+        (["--keep", "light", "--workers", "0"], "--workers"),
+        (["--keep", "light", "--threshold", "-1"], "--threshold"),
+        (["--keep", "light", "--threshold", "nan"], "--threshold"),
+        (["--keep", "light", "--scorer", "vlm"], "--vlm-model"),
+        (["--keep", "light", "--scorer", "ocr", "--vlm-model", "m"], "--vlm-model"),
+        (["--keep", "light", "--vlm-model", "no/such/dir"], "--vlm-model"),
+        (["--keep", "light", "--image-key", "picture"], "--image-key"),
+        (["--keep", "light", "--in", "no/such/dir"], "--in"),
+        (["--in", "x", "--out", "y"], "--keep"),
+    ],
+)
 def test_bad_flags_raise_one_line_errors_naming_the_flag(argv, flag, text_root: Path, tmp_path: Path):
     base = [] if "--in" in argv else ["--in", str(text_root)]
     base += [] if "--out" in argv else ["--out", str(tmp_path / "out")]
@@ -246,30 +268,67 @@ def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
         SmolVLMVideoProcessor,
     )
 
-    special = ["<unk>", "<pad>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
-               "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
-    words = sorted({w for p in VLM_PROMPTS.values() for w in p.replace("?", " ? ").replace(",", " , ")
-                    .replace(".", " . ").split()} | {"User", ":", "Assistant", "yes", "Yes", "no", "No", "\n"})
+    special = [
+        "<unk>",
+        "<pad>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+    ] + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+    words = sorted(
+        {w for p in VLM_PROMPTS.values() for w in p.replace("?", " ? ").replace(",", " , ").replace(".", " . ").split()}
+        | {"User", ":", "Assistant", "yes", "Yes", "no", "No", "\n"}
+    )
     vocab = {t: i for i, t in enumerate(special + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", additional_special_tokens=special[4:])
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-                "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        additional_special_tokens=special[4:],
+    )
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
     processor = SmolVLMProcessor(
         image_processor=SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
-        tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(), image_seq_len=4, chat_template=template)
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=4,
+        chat_template=template,
+    )
     torch.manual_seed(0)
     config = SmolVLMConfig(
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"model_type": "llama", "vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "pad_token_id": vocab["<pad>"]},
-        image_token_id=vocab["<image>"], scale_factor=2, pad_token_id=vocab["<pad>"])
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(vocab),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "pad_token_id": vocab["<pad>"],
+        },
+        image_token_id=vocab["<image>"],
+        scale_factor=2,
+        pad_token_id=vocab["<pad>"],
+    )
     path = tmp_path_factory.mktemp("models") / "tiny-smolvlm"
     processor.save_pretrained(path)
     SmolVLMForConditionalGeneration(config).save_pretrained(path)
@@ -298,6 +357,7 @@ def test_vlm_scores_p_yes_from_the_first_answer_token(tiny_vlm: Path):
             output = output.clone()
             output[:, -1, ids] += 20.0
             return output
+
         return scorer.model.get_output_embeddings().register_forward_hook(hook)
 
     handle = push(scorer.yes_ids)
@@ -308,21 +368,56 @@ def test_vlm_scores_p_yes_from_the_first_answer_token(tiny_vlm: Path):
     handle.remove()
     assert max(probs) < 1e-3
     logits = torch.zeros(len(scorer.tokenizer))  # the definition: P(yes) / (P(yes) + P(no)) over both spellings
-    assert abs(torch.sigmoid(torch.logsumexp(logits[scorer.yes_ids], 0) - torch.logsumexp(logits[scorer.no_ids], 0))
-               - 0.5) < 1e-6
+    assert (
+        abs(torch.sigmoid(torch.logsumexp(logits[scorer.yes_ids], 0) - torch.logsumexp(logits[scorer.no_ids], 0)) - 0.5)
+        < 1e-6
+    )
 
 
 def test_vlm_filter_from_the_command_line(tiny_vlm: Path, text_root: Path, tmp_path: Path):
-    summary = main(["--in", str(text_root), "--out", str(tmp_path / "all"), "--keep", "heavy", "--vlm-model",
-                    str(tiny_vlm), "--vlm-device", "cpu", "--vlm-batch-size", "4", "--threshold", "0"])
+    summary = main(
+        [
+            "--in",
+            str(text_root),
+            "--out",
+            str(tmp_path / "all"),
+            "--keep",
+            "heavy",
+            "--vlm-model",
+            str(tiny_vlm),
+            "--vlm-device",
+            "cpu",
+            "--vlm-batch-size",
+            "4",
+            "--threshold",
+            "0",
+        ]
+    )
     assert summary["scorer"] == "vlm" and summary["splits"]["val"]["kept"] == 9
     rows = _rows(tmp_path / "all", "val")
     scorer = VLMScorer(tiny_vlm, device="cpu")
     expected = scorer.yes_probability([decode_rgb(r["image"], "bytes") for r in rows], "heavy")
     np.testing.assert_allclose([r["text_score"] for r in rows], expected, atol=1e-5)
     assert {r["text_level"] for r in rows} == {"heavy"}
-    summary = main(["--in", str(text_root), "--out", str(tmp_path / "none"), "--keep", "light", "--scorer", "vlm",
-                    "--vlm-model", str(tiny_vlm), "--vlm-device", "cpu", "--vlm-no-split", "--threshold", "1"])
+    summary = main(
+        [
+            "--in",
+            str(text_root),
+            "--out",
+            str(tmp_path / "none"),
+            "--keep",
+            "light",
+            "--scorer",
+            "vlm",
+            "--vlm-model",
+            str(tiny_vlm),
+            "--vlm-device",
+            "cpu",
+            "--vlm-no-split",
+            "--threshold",
+            "1",
+        ]
+    )
     assert summary["splits"]["train"]["kept"] == 0 and _rows(tmp_path / "none", "train") == []
 
 
@@ -337,4 +432,3 @@ def test_vlm_errors_name_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ConfigError, match=r"^--vlm-model: the VLM scorer needs transformers"):
         VLMScorer(tmp_path / "empty")
-

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 from helpers import CONFIGS
-from lit_webssl.datamodules import DataConfigError, StreamSpec, WebSSLDataModule
-from lit_webssl.objectives.base import ViewSpec
 from streaming import MDSWriter
 from streaming.base.local import LocalDataset
 
 from lit_webssl.cli import WebSSLCLI
+from lit_webssl.datamodules import DataConfigError, StreamSpec, WebSSLDataModule
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives.base import ViewSpec
 
 VIEWS = [ViewSpec("global", size=16, count=1, scale=(0.5, 1.0))]
 SIZES = (8, 12, 8)  # training samples of streams 0, 1, 2 (4 validation samples each)
@@ -106,8 +106,11 @@ def test_validation_reads_every_sample_of_every_stream_once(streams):
 
 
 def test_a_mixture_resumes_exactly_mid_epoch(streams):
-    specs = [{"local": str(streams[0]), "repeat": 2}, {"local": str(streams[1]), "choose": 4},
-             {"local": str(streams[2])}]  # 16 + 4 + 8 = 7 batches
+    specs = [
+        {"local": str(streams[0]), "repeat": 2},
+        {"local": str(streams[1]), "choose": 4},
+        {"local": str(streams[2])},
+    ]  # 16 + 4 + 8 = 7 batches
     straight = [b["index"].tolist() for b in _datamodule(specs).train_dataloader()]
     first = _datamodule(specs).train_dataloader()
     seen = []
@@ -135,32 +138,60 @@ def test_a_corrupt_image_is_replaced_from_its_own_stream(streams, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"streams": [{"local": "a", "proportion": 0.7, "repeat": 2}]},
-         "--data.streams[0]: give at most one of proportion, repeat, choose (got proportion and repeat)"),
-        ({"streams": [{"local": "a", "proportion": 0.7}, {"local": "b", "repeat": 2}]},
-         "--data.streams[1].proportion: proportions are relative, so every stream needs one or none does"),
-        ({"streams": [{"local": "a", "repeat": 2}, {"local": "b", "proportion": 0.5}]},
-         "--data.streams[0].proportion: proportions are relative"),
-        ({"streams": [{"local": "a"}, {"remote": "s3://bucket/b"}]},
-         "--data.streams[1].local: every stream needs its own local directory"),
-        ({"streams": [{"local": "a"}, {"local": "./a"}]},
-         "--data.streams[1].local: ./a is also --data.streams[0].local"),
+        (
+            {"streams": [{"local": "a", "proportion": 0.7, "repeat": 2}]},
+            "--data.streams[0]: give at most one of proportion, repeat, choose (got proportion and repeat)",
+        ),
+        (
+            {"streams": [{"local": "a", "proportion": 0.7}, {"local": "b", "repeat": 2}]},
+            "--data.streams[1].proportion: proportions are relative, so every stream needs one or none does",
+        ),
+        (
+            {"streams": [{"local": "a", "repeat": 2}, {"local": "b", "proportion": 0.5}]},
+            "--data.streams[0].proportion: proportions are relative",
+        ),
+        (
+            {"streams": [{"local": "a"}, {"remote": "s3://bucket/b"}]},
+            "--data.streams[1].local: every stream needs its own local directory",
+        ),
+        (
+            {"streams": [{"local": "a"}, {"local": "./a"}]},
+            "--data.streams[1].local: ./a is also --data.streams[0].local",
+        ),
         ({"local": "a", "streams": [{"local": "b"}]}, "--data.streams: give either --data.local/--data.remote"),
         ({}, "--data.local: give the dataset directory (or --data.streams for a mixture)"),
         ({"streams": []}, "--data.streams: empty"),
         ({"streams": [{"local": "a", "repeat": -1}]}, "--data.streams[0].repeat must be >= 0, got -1"),
-        ({"streams": [{"local": "a", "proportion": 0}, {"local": "b", "proportion": 0}]},
-         "--data.streams: the proportions sum to 0"),
-        ({"streams": [{"local": "a", "choose": 10}, {"local": "b"}], "epoch_size": 100},
-         "--data.epoch_size: only with proportions or unweighted streams; --data.streams[0].choose"),
+        (
+            {"streams": [{"local": "a", "proportion": 0}, {"local": "b", "proportion": 0}]},
+            "--data.streams: the proportions sum to 0",
+        ),
+        (
+            {"streams": [{"local": "a", "choose": 10}, {"local": "b"}], "epoch_size": 100},
+            "--data.epoch_size: only with proportions or unweighted streams; --data.streams[0].choose",
+        ),
         ({"streams": [{"local": "a", "weight": 1}]}, "--data.streams[0]: unknown key 'weight'"),
         ({"local": "a", "epoch_size": 0}, "--data.epoch_size must be >= 1, got 0"),
         ({"local": "a", "download_retry": 0}, "--data.download_retry must be >= 1, got 0"),
         ({"local": "a", "download_timeout": 0}, "--data.download_timeout must be > 0 seconds, got 0"),
     ],
-    ids=["two_weights", "proportion_then_repeat", "repeat_then_proportion", "no_local", "same_local",
-         "local_and_streams", "neither", "empty", "negative", "zero_proportions", "epoch_size_absolute",
-         "unknown_key", "epoch_size", "retry", "timeout"],
+    ids=[
+        "two_weights",
+        "proportion_then_repeat",
+        "repeat_then_proportion",
+        "no_local",
+        "same_local",
+        "local_and_streams",
+        "neither",
+        "empty",
+        "negative",
+        "zero_proportions",
+        "epoch_size_absolute",
+        "unknown_key",
+        "epoch_size",
+        "retry",
+        "timeout",
+    ],
 )
 def test_contradictory_settings_stop_with_one_line_naming_the_flag(kwargs, message):
     with pytest.raises(DataConfigError) as err:
@@ -175,8 +206,13 @@ def test_a_missing_stream_names_its_flag(streams, tmp_path):
 
 @pytest.mark.parametrize("block", DATA_BLOCKS, ids=lambda p: p.stem)
 def test_data_blocks_compose_with_a_model_config(block):
-    cli = WebSSLCLI(LitWebSSL, subclass_mode_data=True, run=False, plan=True,
-                    args=["--config", str(CONFIGS / "webdino" / "vit_2b.yaml"), "--config", str(block)])
+    cli = WebSSLCLI(
+        LitWebSSL,
+        subclass_mode_data=True,
+        run=False,
+        plan=True,
+        args=["--config", str(CONFIGS / "webdino" / "vit_2b.yaml"), "--config", str(block)],
+    )
     expected = yaml.safe_load(block.read_text())["data"]["init_args"]["streams"]
     dm = cli.datamodule
     assert [s.local for s in dm.streams] == [s["local"] for s in expected]
@@ -186,14 +222,32 @@ def test_data_blocks_compose_with_a_model_config(block):
 
 def test_a_contradictory_mixture_in_yaml_fails_at_parse_time_naming_the_flag(tmp_path):
     block = tmp_path / "mix.yaml"
-    block.write_text(yaml.safe_dump({"data": {"class_path": "lit_webssl.datamodules.WebSSLDataModule", "init_args": {
-        "local": None, "streams": [{"local": "a", "proportion": 0.7}, {"local": "b", "repeat": 2}]}}}))
+    block.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "class_path": "lit_webssl.datamodules.WebSSLDataModule",
+                    "init_args": {
+                        "local": None,
+                        "streams": [{"local": "a", "proportion": 0.7}, {"local": "b", "repeat": 2}],
+                    },
+                }
+            }
+        )
+    )
     with pytest.raises(ValueError) as err:  # jsonargparse wraps errors of a subclass-mode __init__ in its own
-        WebSSLCLI(LitWebSSL, subclass_mode_data=True, run=False, plan=True,
-                  args=["--config", str(CONFIGS / "demo" / "mae_tiny.yaml"), "--config", str(block)])
+        WebSSLCLI(
+            LitWebSSL,
+            subclass_mode_data=True,
+            run=False,
+            plan=True,
+            args=["--config", str(CONFIGS / "demo" / "mae_tiny.yaml"), "--config", str(block)],
+        )
     chain, cause = [], err.value
     while cause is not None:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    assert any(isinstance(c, DataConfigError) and str(c).startswith("--data.streams[1].proportion: proportions are "
-                                                                   "relative") for c in chain)
+    assert any(
+        isinstance(c, DataConfigError) and str(c).startswith("--data.streams[1].proportion: proportions are relative")
+        for c in chain
+    )

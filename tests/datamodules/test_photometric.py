@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
+
 from lit_webssl.datamodules import photometric as photo
 from lit_webssl.datamodules.transforms import MultiViewTransform
 from lit_webssl.objectives.base import ViewSpec
-from torchvision.transforms.v2 import functional as TF
 
 
 def _images(n: int = 6, size: int = 40) -> list[torch.Tensor]:
@@ -62,8 +63,10 @@ def test_blur_within_one_level_of_torchvision():
 
 
 def test_views_match_the_uint8_pipeline_under_the_same_seed():
-    specs = [ViewSpec("g", 32, scale=(0.3, 1.0), color_jitter_p=0.8, grayscale_p=0.2, blur_p=1.0, solarize_p=0.2),
-             ViewSpec("l", 16, count=4, scale=(0.05, 0.3), color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)]
+    specs = [
+        ViewSpec("g", 32, scale=(0.3, 1.0), color_jitter_p=0.8, grayscale_p=0.2, blur_p=1.0, solarize_p=0.2),
+        ViewSpec("l", 16, count=4, scale=(0.05, 0.3), color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5),
+    ]
     fast, reference = MultiViewTransform(specs), MultiViewTransform(specs, photometric="uint8")
     differing = total = 0
     for seed, image in enumerate(_images(size=64)):

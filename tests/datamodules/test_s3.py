@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CONFIGS, fast_overrides, tiny_demo
-from lit_webssl.datamodules import WebSSLDataModule
-from lit_webssl.objectives.base import ViewSpec
 from s3server import moto_server_fixture, s3_bucket_fixture  # noqa: F401  (pytest fixtures)
 from streaming.base.local import LocalDataset
 
 from lit_webssl.cli import main
+from lit_webssl.datamodules import WebSSLDataModule
+from lit_webssl.objectives.base import ViewSpec
 
 N_TRAIN, N_VAL = 48, 20  # the demo_root fixture (conftest.py)
 VIEWS = [ViewSpec("global", size=16, count=1, scale=(0.5, 1.0))]
@@ -60,8 +60,9 @@ def test_knn_probe_loaders_download_the_remote_shards(demo_root, tmp_path, s3_bu
 
 
 def test_missing_remote_prefix_is_an_error_naming_the_object(tmp_path, s3_bucket):
-    dm = WebSSLDataModule(str(tmp_path / "cache"), remote=s3_bucket.url("nothing-here"), num_workers=0,
-                          pin_memory=False)
+    dm = WebSSLDataModule(
+        str(tmp_path / "cache"), remote=s3_bucket.url("nothing-here"), num_workers=0, pin_memory=False
+    )
     dm.set_views(VIEWS)
     with pytest.raises(Exception, match="nothing-here/train/index.json"):
         next(iter(dm.train_dataloader()))
@@ -71,8 +72,7 @@ def test_fit_on_s3_data_keeps_the_secret_out_of_configs_and_logs(tmp_path, s3_bu
     data = tiny_demo(tmp_path, n_train=32, n_val=16)
     remote = s3_bucket.upload_dir(data, "tiny")
     overrides = fast_overrides(tmp_path / "cache", steps=2, run_name="s3fit")
-    main(["fit", "--config", str(CONFIGS / "demo" / "mae_tiny.yaml"), *overrides,
-          "--data.init_args.remote", remote])
+    main(["fit", "--config", str(CONFIGS / "demo" / "mae_tiny.yaml"), *overrides, "--data.init_args.remote", remote])
     out, err = capfd.readouterr()
     run = Path("runs/s3fit")
     config = (run / "version_0" / "config.yaml").read_text()

@@ -18,12 +18,12 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from helpers import CONFIGS, free_port
-from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, StreamSpec, WebSSLDataModule
-from lit_webssl.objectives.base import ViewSpec
 from streaming import MDSWriter
 from streaming.base.local import LocalDataset
 
 from lit_webssl.cli import main
+from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, StreamSpec, WebSSLDataModule
+from lit_webssl.objectives.base import ViewSpec
 
 N_TRAIN, N_VAL, SIZE = 48, 20, 40  # the demo_root fixture (conftest.py)
 VIEWS = [
@@ -180,13 +180,19 @@ def _fit_config(tmp_path: Path, block: dict) -> list[str]:
     config = yaml.safe_load((CONFIGS / "demo" / "mae_tiny.yaml").read_text())
     callbacks = config["trainer"]["callbacks"]
     config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith(("KNNProbe", "ProgressBar"))]
-    config["trainer"].update(enable_progress_bar=False, log_every_n_steps=1, limit_val_batches=0,
-                             val_check_interval=None, check_val_every_n_epoch=1)
+    config["trainer"].update(
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        val_check_interval=None,
+        check_val_every_n_epoch=1,
+    )
     config["model"]["backbone_overrides"].update(embed_dim=32, depth=1, num_heads=2)
     config["model"]["objective"]["init_args"].update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "block.yaml").write_text(yaml.safe_dump(
-        {"data": {"class_path": "lit_webssl.datamodules.WebSSLDataModule", "init_args": block}}))
+    (tmp_path / "block.yaml").write_text(
+        yaml.safe_dump({"data": {"class_path": "lit_webssl.datamodules.WebSSLDataModule", "init_args": block}})
+    )
     return ["fit", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "block.yaml")]
 
 
@@ -198,8 +204,14 @@ def test_truncated_jpegs_in_a_shard_are_skipped_and_counted_by_a_cli_fit(demo_ro
     for i in (2, 5):  # not adjacent: each costs one substitution
         planted[i] = planted[i][: len(planted[i]) // 2]
     _write_mds(tmp_path / "planted" / "train", planted, labels=list(range(8)))
-    block = {"local": None, "streams": [{"local": str(tmp_path / "clean")}, {"local": str(tmp_path / "planted")}],
-             "val_split": None, "batch_size": 8, "num_workers": 1, "pin_memory": False}
+    block = {
+        "local": None,
+        "streams": [{"local": str(tmp_path / "clean")}, {"local": str(tmp_path / "planted")}],
+        "val_split": None,
+        "batch_size": 8,
+        "num_workers": 1,
+        "pin_memory": False,
+    }
     main([*_fit_config(tmp_path, block), "--run_name", "corrupt", "--trainer.max_steps", "2"])  # one epoch of 16
     rows = list(csv.DictReader((Path("runs/corrupt/version_0/metrics.csv")).open()))
     logged = [float(r["train/corrupt_samples"]) for r in rows if r.get("train/corrupt_samples")]
@@ -211,16 +223,29 @@ def test_truncated_jpegs_in_a_shard_are_skipped_and_counted_by_a_cli_fit(demo_ro
 def closed_s3(monkeypatch) -> str:
     """An S3 endpoint on a closed port of 127.0.0.1, dummy credentials and one boto attempt per Streaming try."""
     endpoint = f"http://127.0.0.1:{free_port()}"
-    for key, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true",
-                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+    for key, value in {
+        "S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "dummy",
+        "AWS_SECRET_ACCESS_KEY": "dummy",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }.items():
         monkeypatch.setenv(key, value)
     return endpoint
 
 
 def test_an_unreachable_remote_stops_the_fit_fast_with_one_line(closed_s3, tmp_path, capsys):
-    block = {"local": str(tmp_path / "cache"), "remote": "s3://bucket/mc2b", "download_retry": 2,
-             "download_timeout": 2, "val_split": None, "num_workers": 0}
+    block = {
+        "local": str(tmp_path / "cache"),
+        "remote": "s3://bucket/mc2b",
+        "download_retry": 2,
+        "download_timeout": 2,
+        "val_split": None,
+        "num_workers": 0,
+    }
     start = time.monotonic()
     with pytest.raises(SystemExit) as exit_:
         main([*_fit_config(tmp_path, block), "--run_name", "unreachable", "--trainer.max_steps", "1"])
@@ -228,8 +253,8 @@ def test_an_unreachable_remote_stops_the_fit_fast_with_one_line(closed_s3, tmp_p
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(
-        "error: --data.remote s3://bucket/mc2b unreachable after 2 tries: EndpointConnectionError: Could not connect")
+    expected = "error: --data.remote s3://bucket/mc2b unreachable after 2 tries: EndpointConnectionError: "
+    assert err.strip().splitlines()[-1].startswith(expected + "Could not connect")
 
 
 def _unreachable_on_two_ranks(rank: int, port: int, out: str) -> None:
@@ -258,8 +283,10 @@ def test_every_rank_stops_with_the_downloading_ranks_error(closed_s3, tmp_path):
     [
         ({"local": "cache", "remote": "s3://AKIAKEYID:sEcReT123@bucket/mc2b"}, "--data.remote"),
         ({"local": "cache", "remote": "s3://bucket/mc2b?X-Amz-Signature=sEcReT123"}, "--data.remote"),
-        ({"streams": [{"local": "a"}, {"local": "b", "remote": "gs://tok:sEcReT123@bucket/x"}]},
-         "--data.streams[1].remote"),
+        (
+            {"streams": [{"local": "a"}, {"local": "b", "remote": "gs://tok:sEcReT123@bucket/x"}]},
+            "--data.streams[1].remote",
+        ),
         ({"local": "cache", "remote": "sftp://user:sEcReT123@host/data"}, "--data.remote"),
     ],
     ids=["userinfo", "query", "stream", "sftp_password"],

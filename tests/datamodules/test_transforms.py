@@ -7,10 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from lit_webssl.datamodules import EvalTransform, MultiViewTransform, ViewTransform, decode_image
-from lit_webssl.objectives.base import ViewSpec
 from PIL import Image
 from torchvision.transforms import v2
+
+from lit_webssl.datamodules import EvalTransform, MultiViewTransform, ViewTransform, decode_image
+from lit_webssl.objectives.base import ViewSpec
 
 FULL = dict(color_jitter_p=1.0, grayscale_p=0.5, blur_p=1.0, solarize_p=0.5)
 SPECS = [

@@ -82,9 +82,19 @@ def test_swiglu_matches_dinov2_rule():
 
 # RECIPE section 1: parameter counts of the Web-SSL family (billions).
 EXPECTED = {
-    "webdino_300m": 0.304, "webdino_1b": 1.135, "webdino_2b": 2.084, "webdino_3b": 2.948, "webdino_5b": 4.938,
-    "webdino_7b": 6.450, "webmae_300m": 0.303, "webmae_700m": 0.631, "webmae_1b": 1.135, "webmae_2b": 2.084,
-    "webmae_3b": 2.948, "vit_large": 0.303, "vit_base": 0.0858,
+    "webdino_300m": 0.304,
+    "webdino_1b": 1.135,
+    "webdino_2b": 2.084,
+    "webdino_3b": 2.948,
+    "webdino_5b": 4.938,
+    "webdino_7b": 6.450,
+    "webmae_300m": 0.303,
+    "webmae_700m": 0.631,
+    "webmae_1b": 1.135,
+    "webmae_2b": 2.084,
+    "webmae_3b": 2.948,
+    "vit_large": 0.303,
+    "vit_base": 0.0858,
 }
 
 

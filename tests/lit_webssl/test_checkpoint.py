@@ -5,18 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import run_cli
-from lit_webssl.objectives import DINOv2
 
 from lit_webssl.checkpoint import checkpoint_kind, read_state_dict
 from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives import DINOv2
 
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 def _model(**kwargs) -> LitWebSSL:
-    objective = DINOv2(global_crop_size=32, local_crops_number=0, dino_local_weight=0.0, head_prototypes=16,
-                       head_hidden_dim=32, head_bottleneck_dim=16, ibot_separate_head=False)
+    objective = DINOv2(
+        global_crop_size=32,
+        local_crops_number=0,
+        dino_local_weight=0.0,
+        head_prototypes=16,
+        head_hidden_dim=32,
+        head_bottleneck_dim=16,
+        ibot_separate_head=False,
+    )
     return LitWebSSL(objective, backbone="vit_debug", backbone_overrides=TINY, **kwargs)
 
 
@@ -33,13 +40,19 @@ def test_init_from_loads_every_tensor_and_names_a_wrong_file(tmp_path):
 
     extra = tmp_path / "extra.ckpt"
     torch.save({"state_dict": {**state, "decoder.weight": torch.zeros(3)}}, extra)
-    with pytest.raises(ConfigError, match=r"--model.init_from .*extra.ckpt: 1 tensors this model does not have "
-                                          r"\(decoder.weight\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--model.init_from .*extra.ckpt: 1 tensors this model does not have "
+        r"\(decoder.weight\)",
+    ):
         _model(init_from=str(extra)).configure_model()
     shape = tmp_path / "shape.ckpt"
     torch.save({"state_dict": {**state, "backbone.norm.weight": torch.ones(7)}}, shape)
-    with pytest.raises(ConfigError, match=r"shape.ckpt: backbone.norm.weight has shape \(7,\), this model's is "
-                                          r"\(32,\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shape.ckpt: backbone.norm.weight has shape \(7,\), this model's is "
+        r"\(32,\)",
+    ):
         _model(init_from=str(shape)).configure_model()
     with pytest.raises(ConfigError, match="--model.init_from: no file at"):
         _model(init_from=str(tmp_path / "missing.ckpt"))

@@ -41,8 +41,10 @@ def test_every_shipped_yaml_parses_with_the_real_cli(config):
 @pytest.mark.parametrize("block", COMPARE_BLOCKS, ids=lambda p: p.stem)
 def test_every_comparison_block_composes_with_the_shared_block(block):
     cli = _parse(COMPARE / "base.yaml", block)
-    assert cli.model.backbone_overrides == yaml.safe_load((COMPARE / "base.yaml").read_text())["model"][
-        "backbone_overrides"]  # the objective block does not touch the shared backbone
+    assert (
+        cli.model.backbone_overrides
+        == yaml.safe_load((COMPARE / "base.yaml").read_text())["model"]["backbone_overrides"]
+    )  # the objective block does not touch the shared backbone
 
 
 @pytest.mark.parametrize("block", DATA_BLOCKS, ids=lambda p: p.stem)
@@ -66,8 +68,21 @@ def test_every_strategy_block_composes_with_every_objective(block, model):
 
 @pytest.mark.parametrize("block", STRATEGY_BLOCKS, ids=lambda p: p.stem)
 def test_plan_reads_the_strategy_block(block, capsys):
-    main(["plan", "--config", str(CONFIGS / "webdino" / "vit_7b.yaml"), "--config", str(block),
-          "--devices", "8", "--nodes", "1", "--device-memory", "80"])
+    main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "webdino" / "vit_7b.yaml"),
+            "--config",
+            str(block),
+            "--devices",
+            "8",
+            "--nodes",
+            "1",
+            "--device-memory",
+            "80",
+        ]
+    )
     out = capsys.readouterr().out
     assert "ZeRO-3" in out or "FSDP" in out
 
@@ -150,17 +165,22 @@ def test_bad_input_stops_with_one_clear_line(override, expected, tmp_path):
     ("override", "expected"),
     [
         (["--model.objective.init_args.local_crops_number", "0"], "--model.objective.init_args.dino_local_weight"),
-        (["--model.objective.init_args.momentum_teacher", "1.5"],
-         "--model.objective.init_args.momentum_teacher must be in [0, 1]"),
-        (["--model.objective.init_args.local_crop_size", "18"],
-         "--model.objective.init_args.local_crop_size=18 is not divisible by the patch size 4"),
+        (
+            ["--model.objective.init_args.momentum_teacher", "1.5"],
+            "--model.objective.init_args.momentum_teacher must be in [0, 1]",
+        ),
+        (
+            ["--model.objective.init_args.local_crop_size", "18"],
+            "--model.objective.init_args.local_crop_size=18 is not divisible by the patch size 4",
+        ),
     ],
     ids=["local_weight_without_local_crops", "momentum", "local_crop"],
 )
 def test_dino_contradictions_stop_with_one_clear_line(override, expected, tmp_path):
     data = tiny_demo(tmp_path, n_train=20, n_val=20)
-    proc = run_cli("fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *fast_overrides(data, steps=1),
-                   *override)
+    proc = run_cli(
+        "fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *fast_overrides(data, steps=1), *override
+    )
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -168,8 +188,9 @@ def test_dino_contradictions_stop_with_one_clear_line(override, expected, tmp_pa
 
 @pytest.mark.parametrize("stage", ["vit_7b_378.yaml", "vit_7b_518.yaml"])
 def test_a_high_resolution_stage_without_its_start_weights_stops_instead_of_starting_at_random(stage, tmp_path):
-    proc = run_cli("fit", "--config", str(CONFIGS / "webdino" / stage), "--trainer.devices", "1",
-                   "--trainer.num_nodes", "1")
+    proc = run_cli(
+        "fit", "--config", str(CONFIGS / "webdino" / stage), "--trainer.devices", "1", "--trainer.num_nodes", "1"
+    )
     assert proc.returncode != 0
     assert "--model.init_from: this config continues from earlier weights" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -179,8 +200,16 @@ def test_validate_a_checkpoint_and_print_config(tmp_path, capsys):
     data = tiny_demo(tmp_path)
     config = str(CONFIGS / "demo" / "mae_tiny.yaml")
     main(["fit", "--config", config, *fast_overrides(data, steps=2, run_name="val")])
-    main(["validate", "--config", config, *fast_overrides(data, run_name="val"),
-          "--ckpt_path", "runs/val/checkpoints/last.ckpt"])
+    main(
+        [
+            "validate",
+            "--config",
+            config,
+            *fast_overrides(data, run_name="val"),
+            "--ckpt_path",
+            "runs/val/checkpoints/last.ckpt",
+        ]
+    )
     assert "val/loss" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["fit", "--config", config, "--print_config"])

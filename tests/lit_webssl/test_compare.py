@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import CONFIGS, tiny_demo
+
 from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.callbacks.throughput import ThroughputMonitor, _batch_images
-
 from lit_webssl.compare import main, resolve_blocks
 from lit_webssl.errors import ConfigError
 
@@ -20,19 +20,43 @@ BASE = CONFIGS / "demo" / "compare" / "base.yaml"
 
 
 def _overrides(data: Path, steps: int) -> list[str]:
-    return ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps - 1),
-            "--trainer.limit_val_batches", "1", "--data.init_args.local", str(data),
-            "--data.init_args.batch_size", "16", "--data.init_args.num_workers", "0"]
+    return [
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps - 1),
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.num_workers",
+        "0",
+    ]
 
 
 def test_compare_trains_each_objective_and_keeps_going_past_a_failure(tmp_path, monkeypatch, capsys):
     data = tiny_demo(tmp_path)
     broken = tmp_path / "broken.yaml"  # a block whose fit stops on bad input: its row says so, the others are kept
-    broken.write_text((CONFIGS / "demo" / "compare" / "mae.yaml").read_text().replace("mask_ratio: 0.75",
-                                                                                      "mask_ratio: 1.5"))
+    broken.write_text(
+        (CONFIGS / "demo" / "compare" / "mae.yaml").read_text().replace("mask_ratio: 0.75", "mask_ratio: 1.5")
+    )
     monkeypatch.chdir(tmp_path)
-    code = main(["--config", str(BASE), "--objectives", "dino", "mae", str(broken), "--name", "cmp", "--quiet",
-                 *_overrides(data, steps=7)])
+    code = main(
+        [
+            "--config",
+            str(BASE),
+            "--objectives",
+            "dino",
+            "mae",
+            str(broken),
+            "--name",
+            "cmp",
+            "--quiet",
+            *_overrides(data, steps=7),
+        ]
+    )
     assert code == 1  # one run failed
     rows = {r["objective"]: r for r in json.loads((tmp_path / "runs" / "cmp" / "compare.json").read_text())}
     assert list(rows) == ["dino", "mae", "broken"]

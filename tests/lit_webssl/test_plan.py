@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lit_webssl.objectives.dino import DINOv2
-from lit_webssl.objectives.mae import MAE
 from rich.console import Console
 
 from lit_webssl.activations import HostPeak, has_mallinfo2, saved_tensor_bytes
@@ -19,11 +17,19 @@ from lit_webssl.cli import WebSSLCLI
 from lit_webssl.errors import ConfigError
 from lit_webssl.memory import parse_precision, parse_strategy
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives.dino import DINOv2
+from lit_webssl.objectives.mae import MAE
 from lit_webssl.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory, plan_main, trainer_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-HEADS = {"head_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64, "ibot_prototypes": 192,
-         "ibot_hidden_dim": 96, "ibot_bottleneck_dim": 48}
+HEADS = {
+    "head_prototypes": 256,
+    "head_hidden_dim": 128,
+    "head_bottleneck_dim": 64,
+    "ibot_prototypes": 192,
+    "ibot_hidden_dim": 96,
+    "ibot_bottleneck_dim": 48,
+}
 BATCH = 8
 DS = "lightning.pytorch.strategies.DeepSpeedStrategy"
 
@@ -33,16 +39,26 @@ def _one_thread(one_thread):
     """Every test of this module runs with one intra-op thread (``one_thread`` in conftest.py)."""
 
 
-def tiny(objective: str, size: int = 32, width: int = 64, depth: int = 2, ffn: str = "mlp",
-         fused: bool = True, **backbone) -> LitWebSSL:
+def tiny(
+    objective: str, size: int = 32, width: int = 64, depth: int = 2, ffn: str = "mlp", fused: bool = True, **backbone
+) -> LitWebSSL:
     """A real (CPU) tiny model: patch 4, DINO with 2 local crops of half size, or MAE with a 2 x 32 decoder."""
     torch.manual_seed(0)
     if objective == "dino":
         obj = DINOv2(global_crop_size=size, local_crops_number=2, local_crop_size=size // 2, **HEADS)
     else:
         obj = MAE(crop_size=size, decoder_dim=32, decoder_depth=2, decoder_heads=4)
-    overrides = {"img_size": size, "patch_size": 4, "embed_dim": width, "depth": depth, "num_heads": 4, "ffn": ffn,
-                 "layerscale": 1e-5, "drop_path_rate": 0.1, **backbone}
+    overrides = {
+        "img_size": size,
+        "patch_size": 4,
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": 4,
+        "ffn": ffn,
+        "layerscale": 1e-5,
+        "drop_path_rate": 0.1,
+        **backbone,
+    }
     model = LitWebSSL(obj, "vit_debug", overrides)
     model.configure_model()
     for block in model.backbone.blocks:
@@ -54,8 +70,9 @@ def fake_batch(model: LitWebSSL) -> dict:
     return {"views": {v.name: torch.randn(BATCH, v.count, 3, v.size, v.size) for v in model.objective.views()}}
 
 
-def settings(strategy: object = "auto", precision: str = "32-true", devices: int = 1, nodes: int = 1,
-             accelerator: str = "cpu") -> TrainerSettings:
+def settings(
+    strategy: object = "auto", precision: str = "32-true", devices: int = 1, nodes: int = 1, accelerator: str = "cpu"
+) -> TrainerSettings:
     return TrainerSettings(parse_strategy(strategy), parse_precision(precision), devices, nodes, accelerator)
 
 
@@ -66,8 +83,11 @@ def plan_of(model: LitWebSSL, **kwargs) -> MemoryPlan:
 # -- (1) activations: estimate vs the bytes autograd saves ----------------------------------------------------------
 CASES = {
     "dino-gelu-fp32": ("dino", {}, "32-true"),
-    "dino-swiglu-fp32-w96-48px-no-layerscale": ("dino", {"ffn": "swiglu", "width": 96, "depth": 3, "size": 48,
-                                                          "layerscale": None}, "32-true"),
+    "dino-swiglu-fp32-w96-48px-no-layerscale": (
+        "dino",
+        {"ffn": "swiglu", "width": 96, "depth": 3, "size": 48, "layerscale": None},
+        "32-true",
+    ),
     "dino-gelu-bf16": ("dino", {}, "bf16-mixed"),
     "dino-swiglu-bf16-depth4": ("dino", {"ffn": "swiglu", "depth": 4}, "bf16-mixed"),
     "dino-gelu-fp32-math-attention": ("dino", {"fused": False}, "32-true"),
@@ -187,25 +207,46 @@ def test_offload_moves_states_to_host(meta_model):
     for name in ("backbone parameters", "optimizer", "EMA teacher"):
         assert offload[name] == (0.0, plain[name][0])
     assert offload["gradients"] == plain["gradients"]  # ZeRO keeps the bf16 gradient partition on the device
-    opt_only = {"class_path": DS, "init_args": {"config": {"zero_optimization": {
-        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "none"}}}}}
+    opt_only = {
+        "class_path": DS,
+        "init_args": {
+            "config": {
+                "zero_optimization": {
+                    "stage": 3,
+                    "offload_optimizer": {"device": "cpu"},
+                    "offload_param": {"device": "none"},
+                }
+            }
+        },
+    }
     partial = _states(estimate_memory(meta_model, BATCH, settings(opt_only, "bf16-mixed", 8)))
     assert partial["optimizer"] == (0.0, plain["optimizer"][0])
     assert partial["backbone parameters"] == plain["backbone parameters"]
 
 
-@pytest.mark.parametrize("strategy", [
-    {"class_path": "lightning.pytorch.strategies.FSDPStrategy",
-     "init_args": {"auto_wrap_policy": ["timm.models.vision_transformer.Block"]}},
-    {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
-], ids=["fsdp", "fsdp2"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {
+            "class_path": "lightning.pytorch.strategies.FSDPStrategy",
+            "init_args": {"auto_wrap_policy": ["timm.models.vision_transformer.Block"]},
+        },
+        {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
+    ],
+    ids=["fsdp", "fsdp2"],
+)
 def test_fsdp_shards_fp32_states_over_the_world(meta_model, strategy):
     ddp = _states(estimate_memory(meta_model, BATCH, settings("ddp", "bf16-mixed", 8)))
     fsdp = _states(estimate_memory(meta_model, BATCH, settings(strategy, "bf16-mixed", 8)))
     for name, (device, _) in ddp.items():
         assert fsdp[name][0] == pytest.approx(device / 8, abs=4 * 1024)  # AdamW step counters stay per tensor
-    hybrid = {"class_path": "lightning.pytorch.strategies.FSDPStrategy", "init_args": {
-        "sharding_strategy": "HYBRID_SHARD", "auto_wrap_policy": ["timm.models.vision_transformer.Block"]}}
+    hybrid = {
+        "class_path": "lightning.pytorch.strategies.FSDPStrategy",
+        "init_args": {
+            "sharding_strategy": "HYBRID_SHARD",
+            "auto_wrap_policy": ["timm.models.vision_transformer.Block"],
+        },
+    }
     across = _states(estimate_memory(meta_model, BATCH, settings(hybrid, "bf16-mixed", 8, 4)))
     assert across["EMA teacher"][0] == ddp["EMA teacher"][0] / 8  # sharded within a node only
 
@@ -241,9 +282,20 @@ def test_plan_7b_on_8_devices_prints_the_table_and_whether_it_fits():
         assert component in out
     assert re.search(r"^fits in 80 GiB: no \(headroom -\d", out, re.M)
     assert info["fits"] is False and info["peak_device_bytes"] > 150 * GIB
-    out, info = run_plan("--config", config, "--devices", "8", "--nodes", "1", "--device-memory", "80",
-                         "--trainer.strategy", "deepspeed_stage_3", "--model.backbone_overrides.grad_checkpointing",
-                         "true")
+    out, info = run_plan(
+        "--config",
+        config,
+        "--devices",
+        "8",
+        "--nodes",
+        "1",
+        "--device-memory",
+        "80",
+        "--trainer.strategy",
+        "deepspeed_stage_3",
+        "--model.backbone_overrides.grad_checkpointing",
+        "true",
+    )
     assert "deepspeed_stage_3" in out and "activation checkpointing on" in out
     assert re.search(r"^fits in 80 GiB: yes \(headroom \d", out, re.M)
 
@@ -261,8 +313,14 @@ def test_bad_strategy_and_planner_flags_name_the_flag():
 
 
 def test_trainer_settings_read_the_cli_config_and_overrides():
-    s = trainer_settings({"strategy": {"class_path": DS, "init_args": {"stage": 3}}, "precision": "bf16-mixed",
-                          "devices": "auto", "num_nodes": 4})
+    s = trainer_settings(
+        {
+            "strategy": {"class_path": DS, "init_args": {"stage": 3}},
+            "precision": "bf16-mixed",
+            "devices": "auto",
+            "num_nodes": 4,
+        }
+    )
     assert (s.strategy.kind, s.strategy.zero_stage, s.devices, s.num_nodes) == ("deepspeed", 3, 1, 4)
     assert any("--devices" in note for note in s.notes)
     s = trainer_settings({"devices": [0, 1, 2], "num_nodes": 2}, nodes=1)

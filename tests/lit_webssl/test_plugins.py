@@ -86,17 +86,25 @@ def test_resolve_short_names_class_names_and_paths(fake_entry_points):
     assert resolve_objective("simclr") == "lit_webssl_simclr.SimCLR"
     assert resolve_objective("SimCLR") == "lit_webssl_simclr.SimCLR"  # the class name, though not imported by path
     assert resolve_objective("my_pkg.MyLoss") == "my_pkg.MyLoss"  # an import path is jsonargparse's to check
-    with pytest.raises(ConfigError, match=r"--model.objective: unknown objective 'simclrr'; choose one of: broken, "
-                                          r"mae, notobj, simclr"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--model.objective: unknown objective 'simclrr'; choose one of: broken, "
+        r"mae, notobj, simclr",
+    ):
         resolve_objective("simclrr")
-    with pytest.raises(ConfigError, match=r"--model.objective: objective 'broken' .* cannot be loaded: "
-                                          r"ModuleNotFoundError"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--model.objective: objective 'broken' .* cannot be loaded: "
+        r"ModuleNotFoundError",
+    ):
         resolve_objective("broken")
 
 
 def test_a_plugin_cannot_take_a_built_in_name(monkeypatch):
-    eps = [FakeEntryPoint("mae", "lit_webssl_simclr:SimCLR", "acme"),
-           FakeEntryPoint("mae", "lit_webssl.objectives.mae:MAE", "lit_webssl")]
+    eps = [
+        FakeEntryPoint("mae", "lit_webssl_simclr:SimCLR", "acme"),
+        FakeEntryPoint("mae", "lit_webssl.objectives.mae:MAE", "lit_webssl"),
+    ]
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: eps)
     with pytest.warns(UserWarning, match="registered twice"):
         assert resolve_objective("mae") == "lit_webssl.objectives.mae.MAE"
@@ -105,17 +113,40 @@ def test_a_plugin_cannot_take_a_built_in_name(monkeypatch):
 def test_command_line_and_config_files_are_rewritten(fake_entry_points, tmp_path):
     out = tmp_path / "rewritten"
     out.mkdir()
-    argv = ["fit", "--model.objective", "simclr", "--model.objective.class_path=simclr",
-            "--model.objective", '{"class_path": "simclr", "init_args": {"temperature": 0.3}}',
-            "--model.objective", "my_pkg.MyLoss", "--trainer.max_steps", "simclr"]
+    argv = [
+        "fit",
+        "--model.objective",
+        "simclr",
+        "--model.objective.class_path=simclr",
+        "--model.objective",
+        '{"class_path": "simclr", "init_args": {"temperature": 0.3}}',
+        "--model.objective",
+        "my_pkg.MyLoss",
+        "--trainer.max_steps",
+        "simclr",
+    ]
     assert resolve_objective_args(argv, out) == [
-        "fit", "--model.objective", "lit_webssl_simclr.SimCLR", "--model.objective.class_path=lit_webssl_simclr.SimCLR",
-        "--model.objective", '{"class_path": "lit_webssl_simclr.SimCLR", "init_args": {"temperature": 0.3}}',
-        "--model.objective", "my_pkg.MyLoss", "--trainer.max_steps", "simclr"]
+        "fit",
+        "--model.objective",
+        "lit_webssl_simclr.SimCLR",
+        "--model.objective.class_path=lit_webssl_simclr.SimCLR",
+        "--model.objective",
+        '{"class_path": "lit_webssl_simclr.SimCLR", "init_args": {"temperature": 0.3}}',
+        "--model.objective",
+        "my_pkg.MyLoss",
+        "--trainer.max_steps",
+        "simclr",
+    ]
 
     short = tmp_path / "short.yaml"
-    short.write_text(yaml.safe_dump({"model": {"objective": {"class_path": "simclr", "init_args": {"crop_size": 32}}},
-                                     "trainer": {"max_steps": 3}}))
+    short.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"objective": {"class_path": "simclr", "init_args": {"crop_size": 32}}},
+                "trainer": {"max_steps": 3},
+            }
+        )
+    )
     nested = tmp_path / "nested.yaml"
     nested.write_text(yaml.safe_dump({"fit": {"model": {"objective": "simclr"}}}))
     full = tmp_path / "full.yaml"
@@ -126,7 +157,8 @@ def test_command_line_and_config_files_are_rewritten(fake_entry_points, tmp_path
     assert first.parent == second.parent == out
     assert yaml.safe_load(first.read_text()) == {
         "model": {"objective": {"class_path": "lit_webssl_simclr.SimCLR", "init_args": {"crop_size": 32}}},
-        "trainer": {"max_steps": 3}}
+        "trainer": {"max_steps": 3},
+    }
     assert yaml.safe_load(second.read_text()) == {"fit": {"model": {"objective": "lit_webssl_simclr.SimCLR"}}}
     with pytest.raises(ConfigError, match="unknown objective 'nope'"):
         resolve_objective_args(["fit", "--model.objective", "nope"], out)
@@ -152,9 +184,25 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("plugin")
     source, site = root / "src", root / "site"
     subprocess.run(["cp", "-r", str(EXAMPLE), str(source)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--disable-pip-version-check", "--target", str(site), str(source)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert (site / "lit_webssl_simclr-0.1.0.dist-info" / "entry_points.txt").is_file()
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path}
@@ -173,8 +221,17 @@ def test_fit_selects_the_plugin_by_short_name_in_yaml_and_on_the_command_line(pl
     data = tiny_demo(tmp_path)
     config = EXAMPLE / "configs" / "simclr_tiny.yaml"
     assert yaml.safe_load(config.read_text())["model"]["objective"]["class_path"] == "simclr"
-    proc = run_cli("fit", "--config", str(config), *fast_overrides(data, steps=3, run_name="short"),
-                   "--model.objective", "simclr", "--model.objective.init_args.temperature", "0.3", env=plugin_env)
+    proc = run_cli(
+        "fit",
+        "--config",
+        str(config),
+        *fast_overrides(data, steps=3, run_name="short"),
+        "--model.objective",
+        "simclr",
+        "--model.objective.init_args.temperature",
+        "0.3",
+        env=plugin_env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = Path("runs/short/version_0")
     metrics = json.loads((version / "metrics.json").read_text())
@@ -192,8 +249,15 @@ def test_fit_selects_the_plugin_by_class_path(plugin_env, tmp_path):
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "KNNProbe" not in c["class_path"]]
     path = tmp_path / "simclr_path.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = run_cli("fit", "--config", str(path), *fast_overrides(data, steps=1, run_name="path"),
-                   "--trainer.limit_val_batches", "0", env=plugin_env)
+    proc = run_cli(
+        "fit",
+        "--config",
+        str(path),
+        *fast_overrides(data, steps=1, run_name="path"),
+        "--trainer.limit_val_batches",
+        "0",
+        env=plugin_env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path("runs/path/checkpoints/last.ckpt").is_file()
 

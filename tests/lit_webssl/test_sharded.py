@@ -30,9 +30,16 @@ TESTS = REPO / "tests"
 STEPS, PER_RANK = 4, 4
 STRATEGIES = {
     "fsdp2": ["--config", str(CONFIGS / "strategy" / "fsdp2.yaml")],
-    "zero3": ["--config", str(CONFIGS / "strategy" / "deepspeed_zero3.yaml"),
-              "--trainer.strategy", "cpu_strategies.CPUDeepSpeedStrategy", "--trainer.strategy.stage", "3",
-              "--trainer.gradient_clip_val", "null"],
+    "zero3": [
+        "--config",
+        str(CONFIGS / "strategy" / "deepspeed_zero3.yaml"),
+        "--trainer.strategy",
+        "cpu_strategies.CPUDeepSpeedStrategy",
+        "--trainer.strategy.stage",
+        "3",
+        "--trainer.gradient_clip_val",
+        "null",
+    ],
 }
 
 
@@ -41,10 +48,15 @@ def _overlay(path: Path, record: Path, every: int = 2) -> Path:
     checkpoint ``every`` steps."""
     overlay = {
         "trainer": {
-            "precision": "32-true", "max_steps": STEPS, "limit_val_batches": 0, "log_every_n_steps": 1,
+            "precision": "32-true",
+            "max_steps": STEPS,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1,
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1},
+                },
                 {"class_path": "sharded_probe.RecordBatches", "init_args": {"out": str(record)}},
             ],
         },
@@ -52,9 +64,17 @@ def _overlay(path: Path, record: Path, every: int = 2) -> Path:
             "activation_checkpointing": False,
             # no separate iBOT head: with iBOT off it would get no gradient, and DeepSpeed, whose flat buffers hold
             # zeros for such parameters, still applies AdamW's decoupled weight decay to them (PyTorch skips them)
-            "objective": {"init_args": {"koleo_weight": 0.0, "ibot_weight": 0.0, "clip_grad": 0.0,
-                                        "ibot_separate_head": False,
-                                        "freeze_last_layer": 0, "momentum_teacher": 0.9, "teacher_temp_warmup": 0}},
+            "objective": {
+                "init_args": {
+                    "koleo_weight": 0.0,
+                    "ibot_weight": 0.0,
+                    "clip_grad": 0.0,
+                    "ibot_separate_head": False,
+                    "freeze_last_layer": 0,
+                    "momentum_teacher": 0.9,
+                    "teacher_temp_warmup": 0,
+                }
+            },
             # Adam's first steps move every weight by about +-lr whatever its gradient's size, so the rounding noise
             # of the gradient reduction (two halves vs one batch) reaches the weights in proportion to lr and 1 / eps:
             # lr and eps are chosen so the teacher moves 1e-4..1e-3 while that noise stays below 1e-6
@@ -67,11 +87,29 @@ def _overlay(path: Path, record: Path, every: int = 2) -> Path:
 
 def _fit(tmp: Path, data: Path, run: str, devices: int, extra: list[str], init: Path, *more: str, every: int = 2):
     record = tmp / "ids" / run
-    args = ["fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *extra,
-            "--config", str(_overlay(tmp / f"{run}.yaml", record, every)),
-            "--trainer.devices", str(devices), "--run_name", run, "--model.init_from", str(init),
-            "--data.init_args.local", str(data), "--data.init_args.batch_size", str(8 // devices),
-            "--data.init_args.num_workers", "0", "--data.init_args.num_canonical_nodes", "2", *more]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "demo" / "dino_tiny.yaml"),
+        *extra,
+        "--config",
+        str(_overlay(tmp / f"{run}.yaml", record, every)),
+        "--trainer.devices",
+        str(devices),
+        "--run_name",
+        run,
+        "--model.init_from",
+        str(init),
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.batch_size",
+        str(8 // devices),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.num_canonical_nodes",
+        "2",
+        *more,
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     os.chdir(tmp)  # runs/ of every run of the module in one place (the autouse fixture restores the cwd)
     result = run_cli(*args, timeout=600, env=env)
@@ -103,9 +141,19 @@ def reference(tmp_path_factory):
 def _save_init_weights(tmp: Path, data: Path, out: Path) -> None:
     from lit_webssl.cli import _cli
 
-    cli = _cli(["--config", str(CONFIGS / "demo" / "dino_tiny.yaml"),
-                "--config", str(_overlay(tmp / "init.yaml", tmp / "ids" / "init")),
-                "--data.init_args.local", str(data), "--trainer.logger", "false"], run=False)
+    cli = _cli(
+        [
+            "--config",
+            str(CONFIGS / "demo" / "dino_tiny.yaml"),
+            "--config",
+            str(_overlay(tmp / "init.yaml", tmp / "ids" / "init")),
+            "--data.init_args.local",
+            str(data),
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     cli.model.configure_model()
     torch.save({"state_dict": cli.model.state_dict()}, out)
 
@@ -131,8 +179,14 @@ def test_sharded_teacher_resume_and_conversion_match_the_unsharded_run(reference
     teacher = [k for k in weights if k.startswith("objective.teacher.")]
     moved = max((ref_weights[k] - initial[k]).abs().max().item() for k in teacher)
     assert moved > 1e-4, "the teacher must move far more than the tolerance for the comparison to mean anything"
-    worst = {part: max((weights[k] - ref_weights[k]).abs().max().item() for k in weights
-                       if k.startswith("objective.teacher.") == (part == "teacher")) for part in ("teacher", "student")}
+    worst = {
+        part: max(
+            (weights[k] - ref_weights[k]).abs().max().item()
+            for k in weights
+            if k.startswith("objective.teacher.") == (part == "teacher")
+        )
+        for part in ("teacher", "student")
+    }
     assert worst["teacher"] <= 1e-6 and worst["student"] <= 1e-5, worst  # the student moves 10x the teacher
 
     # interrupted at step 2 (its sharded checkpoint), resumed to step 4: bit-identical to the uninterrupted run
@@ -141,8 +195,12 @@ def test_sharded_teacher_resume_and_conversion_match_the_unsharded_run(reference
     assert sorted(_ids(resumed)) == [2, 3]
     assert {s: ids for s, ids in _ids(resumed).items()} == {s: ref_ids[s] for s in (2, 3)}
     again = tmp / f"{strategy}_resumed_fp32.ckpt"
-    assert run_cli("checkpoint", "convert", str(tmp / f"runs/{strategy}_resumed/checkpoints/last.ckpt"),
-                   str(again)).returncode == 0
+    assert (
+        run_cli(
+            "checkpoint", "convert", str(tmp / f"runs/{strategy}_resumed/checkpoints/last.ckpt"), str(again)
+        ).returncode
+        == 0
+    )
     resumed_weights = read_state_dict(again)
     for key, value in weights.items():
         assert torch.equal(value, resumed_weights[key]), key
@@ -170,14 +228,20 @@ def test_zero3_bf16_teacher_accumulates_in_fp32_masters(reference):
         weights[step] = read_state_dict(convert(next(ckpt_dir.glob(f"*step={step}.ckpt")), tmp / f"bf16_{step}.pt"))
     initial = read_state_dict(init)
     teacher_keys = [k for k in initial if k.startswith("objective.teacher.")]
-    student_of = {k: "backbone." + k[len("objective.teacher.backbone."):] if ".teacher.backbone." in k
-                  else k.replace(".teacher.", ".") for k in teacher_keys}
+    student_of = {
+        k: "backbone." + k[len("objective.teacher.backbone.") :]
+        if ".teacher.backbone." in k
+        else k.replace(".teacher.", ".")
+        for k in teacher_keys
+    }
 
     def offline_ema(store: torch.dtype) -> dict[str, torch.Tensor]:
         teacher = {k: initial[k].to(store).float() for k in teacher_keys}
         for step in range(1, STEPS + 1):
-            teacher = {k: torch.lerp(t, weights[step][student_of[k]], 1 - momentum).to(store).float()
-                       for k, t in teacher.items()}
+            teacher = {
+                k: torch.lerp(t, weights[step][student_of[k]], 1 - momentum).to(store).float()
+                for k, t in teacher.items()
+            }
         return teacher
 
     moved = max((weights[STEPS][k] - initial[k]).abs().max().item() for k in set(student_of.values()))
@@ -201,22 +265,37 @@ def test_zero3_bf16_teacher_accumulates_in_fp32_masters(reference):
 CPU_ZERO3 = ["--trainer.strategy", "cpu_strategies.CPUDeepSpeedStrategy", "--trainer.strategy.stage", "3"]
 
 
-@pytest.mark.parametrize(("block", "objective"), [
-    *[(block, objective) for block in ("deepspeed_zero3", "fsdp2") for objective in ("dino", "mae", "clip")],
-    ("deepspeed_zero3_offload", "dino"),  # DeepSpeed's CPU Adam, the EMA reading offloaded fp32 masters
-])
+@pytest.mark.parametrize(
+    ("block", "objective"),
+    [
+        *[(block, objective) for block in ("deepspeed_zero3", "fsdp2") for objective in ("dino", "mae", "clip")],
+        ("deepspeed_zero3_offload", "dino"),  # DeepSpeed's CPU Adam, the EMA reading offloaded fp32 masters
+    ],
+)
 def test_shipped_strategy_blocks_train_every_objective_as_shipped(tmp_path, block, objective):
     """Each objective's demo config plus a strategy block exactly as shipped (bf16, activation checkpointing, the
     block's clipping, offload), on 2 CPU ranks, with the kNN probe: every logged loss is finite. ZeRO-3 on CPU needs
     the test-only strategy class; the block's settings (stage 3, buckets, clip, offload) are kept."""
     data = tiny_demo(tmp_path, n_train=80, n_val=20)
     os.chdir(tmp_path)
-    args = ["fit", "--config", str(CONFIGS / "demo" / f"{objective}_tiny.yaml"),
-            "--config", str(CONFIGS / "strategy" / f"{block}.yaml"), *(CPU_ZERO3 if block != "fsdp2" else []),
-            *fast_overrides(data, steps=3, run_name="shipped"), "--data.init_args.batch_size", "8",
-            "--trainer.devices", "2", "--trainer.log_every_n_steps", "1"]
-    result = run_cli(*args, timeout=600, env={"PYTHONPATH": os.pathsep.join([str(TESTS),
-                                                                          os.environ.get("PYTHONPATH", "")])})
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "demo" / f"{objective}_tiny.yaml"),
+        "--config",
+        str(CONFIGS / "strategy" / f"{block}.yaml"),
+        *(CPU_ZERO3 if block != "fsdp2" else []),
+        *fast_overrides(data, steps=3, run_name="shipped"),
+        "--data.init_args.batch_size",
+        "8",
+        "--trainer.devices",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    result = run_cli(
+        *args, timeout=600, env={"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     version = tmp_path / "runs/shipped/version_0"
     assert yaml.safe_load((version / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
@@ -228,7 +307,13 @@ def test_shipped_strategy_blocks_train_every_objective_as_shipped(tmp_path, bloc
 
 # Each "node" gets its own /dev/shm, as real nodes have: Streaming keeps node-local state in shared memory under
 # names that only need to be unique within a node, so two nodes on one host would collide.
-_OWN_SHM = ["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm && exec $0", ]
+_OWN_SHM = [
+    "unshare",
+    "--mount",
+    "sh",
+    "-c",
+    "mount -t tmpfs tmpfs /dev/shm && exec $0",
+]
 
 
 def _can_unshare() -> bool:
@@ -237,8 +322,9 @@ def _can_unshare() -> bool:
     return subprocess.run([*_OWN_SHM[:-1], "mount -t tmpfs tmpfs /dev/shm"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` (root) to give each simulated node its own "
-                    "/dev/shm")
+@pytest.mark.skipif(
+    not _can_unshare(), reason="needs `unshare --mount` (root) to give each simulated node its own /dev/shm"
+)
 def test_two_nodes_of_one_process_each_train_like_one_node(reference):
     """Multi-node as documented (docs/scale.md): one ``torchrun`` per node with ``--nnodes 2 --node_rank r`` and a
     shared master address; here both "nodes" are processes on 127.0.0.1, one CPU rank each, running FSDP2 (the mesh
@@ -250,22 +336,62 @@ def test_two_nodes_of_one_process_each_train_like_one_node(reference):
 
     tmp, data, init, ref_weights, ref_ids = reference
     record = tmp / "ids" / "two_nodes"
-    args = ["fit", "--config", str(CONFIGS / "demo" / "dino_tiny.yaml"), *STRATEGIES["fsdp2"],
-            "--config", str(_overlay(tmp / "two_nodes.yaml", record)), "--trainer.devices", "1",
-            "--trainer.num_nodes", "2", "--run_name", "two_nodes", "--model.init_from", str(init),
-            "--data.init_args.local", str(data), "--data.init_args.batch_size", "4",
-            "--data.init_args.num_workers", "0", "--data.init_args.num_canonical_nodes", "2"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "demo" / "dino_tiny.yaml"),
+        *STRATEGIES["fsdp2"],
+        "--config",
+        str(_overlay(tmp / "two_nodes.yaml", record)),
+        "--trainer.devices",
+        "1",
+        "--trainer.num_nodes",
+        "2",
+        "--run_name",
+        "two_nodes",
+        "--model.init_from",
+        str(init),
+        "--data.init_args.local",
+        str(data),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.num_canonical_nodes",
+        "2",
+    ]
     port = free_port()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
     os.chdir(tmp)
     nodes = []
     for rank in (0, 1):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                    "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                    "-m", "lit_webssl", *args]
-        nodes.append(subprocess.Popen([*_OWN_SHM, shlex.join(torchrun)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "lit_webssl",
+            *args,
+        ]
+        nodes.append(
+            subprocess.Popen(
+                [*_OWN_SHM, shlex.join(torchrun)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     try:
         outputs = [node.communicate(timeout=600)[0] for node in nodes]
     finally:
@@ -274,8 +400,10 @@ def test_two_nodes_of_one_process_each_train_like_one_node(reference):
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     assert _ids(record) == ref_ids
     converted = tmp / "two_nodes_fp32.ckpt"
-    assert run_cli("checkpoint", "convert", str(tmp / "runs/two_nodes/checkpoints/last.ckpt"),
-                   str(converted)).returncode == 0
+    assert (
+        run_cli("checkpoint", "convert", str(tmp / "runs/two_nodes/checkpoints/last.ckpt"), str(converted)).returncode
+        == 0
+    )
     weights = read_state_dict(converted)
     worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights if k.startswith("objective.teacher."))
     assert worst <= 1e-6

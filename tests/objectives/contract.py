@@ -6,8 +6,8 @@ import abc
 import math
 
 import torch
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
 
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
 from lit_webssl.presets import build_backbone
 
 

@@ -19,17 +19,17 @@ import torch.multiprocessing as mp
 import yaml
 from contract import fake_batch
 from helpers import CONFIGS, fast_overrides, free_port, load_weights, run_cli, tiny_demo
-from lit_webssl.datamodules import DataConfigError, WebSSLDataModule
-from lit_webssl.datamodules.demo import render
-from lit_webssl.objectives import CLIP
-from lit_webssl.objectives import clip as clip_module
-from lit_webssl.objectives.losses import CLIPLoss
 from open_clip.loss import ClipLoss
 from streaming import MDSWriter
 
 from lit_webssl.cli import main
+from lit_webssl.datamodules import DataConfigError, WebSSLDataModule
+from lit_webssl.datamodules.demo import render
 from lit_webssl.errors import ConfigError
 from lit_webssl.module import LitWebSSL
+from lit_webssl.objectives import CLIP
+from lit_webssl.objectives import clip as clip_module
+from lit_webssl.objectives.losses import CLIPLoss
 from lit_webssl.optim import OptimConfig, StepSchedule
 from lit_webssl.presets import build_backbone
 
@@ -52,6 +52,7 @@ def setup(seed: int = 0, **kwargs):
 # -- the loss ------------------------------------------------------------------------------------------------------
 def _hand_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
     """Symmetric InfoNCE with explicit loops over rows and a hand-written log-softmax."""
+
     def unit(rows: list[list[float]]) -> list[list[float]]:
         return [[v / math.sqrt(sum(x * x for x in row)) for v in row] for row in rows]
 
@@ -71,8 +72,10 @@ def _hand_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
 
 def test_loss_matches_a_hand_computation_and_open_clip():
     gen = torch.Generator().manual_seed(0)
-    image, text = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen,
-                                                                                     dtype=torch.float64)
+    image, text = (
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+    )
     for scale in (1.0, 14.285714, 100.0):
         loss = CLIPLoss()(image, text, torch.tensor(scale))
         assert loss.item() == pytest.approx(_hand_loss(image, text, scale), rel=1e-5)
@@ -114,8 +117,13 @@ def test_view_normalization_and_metrics_follow_the_recipe():
 def test_text_tower_is_open_clips_causal_transformer():
     _, objective = setup(quick_gelu=True)
     text = objective.text
-    assert (text.context_length, text.vocab_size, text.width, text.heads, text.pool_type) == (16, 49408, 32, 2,
-                                                                                              "argmax")
+    assert (text.context_length, text.vocab_size, text.width, text.heads, text.pool_type) == (
+        16,
+        49408,
+        32,
+        2,
+        "argmax",
+    )
     assert text.text_projection.shape == (32, 16) and objective.image_proj.bias is None
     assert type(text.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     assert torch.isinf(text.attn_mask[0, 1:]).all() and (text.attn_mask.tril() == 0).all()  # causal
@@ -128,7 +136,7 @@ def test_text_embedding_is_taken_at_the_eot_token():
     objective.eval()
     tokens = objective.tokenizer.batch(["red zigzag on gray", "red zigzag on gray"])
     eot = int(tokens[0].argmax())
-    tokens[1, eot + 1:] = 7  # change only tokens after EOT: the causal embedding at EOT must not move
+    tokens[1, eot + 1 :] = 7  # change only tokens after EOT: the causal embedding at EOT must not move
     emb = objective.encode_text(tokens)
     torch.testing.assert_close(emb[0], emb[1])
 
@@ -154,7 +162,7 @@ def test_tokenizer_works_offline_and_gives_sot_caption_eot(monkeypatch):
     assert tokens.shape == (3, 77) and tokens.dtype == torch.int64
     first = tokens[0].tolist()
     n = first.index(EOT)
-    assert first[0] == SOT and n > 5 and all(t == 0 for t in first[n + 1:]) and max(first[1:n]) < SOT
+    assert first[0] == SOT and n > 5 and all(t == 0 for t in first[n + 1 :]) and max(first[1:n]) < SOT
     assert tokens[1, :2].tolist() == [SOT, EOT] and not tokens[1, 2:].any()
     assert tokens[2, 0] == SOT and tokens[2, -1] == EOT and (tokens[2] != 0).all()  # truncated, EOT kept last
     assert int(tokens.max()) < 49408
@@ -187,13 +195,27 @@ def test_param_groups_no_decay_on_vectors_and_logit_scale():
     decay = {id(p) for p in groups["decay"]["params"]}
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     text = objective.text
-    for param in (objective.logit_scale, text.ln_final.weight, text.ln_final.bias,
-                  text.transformer.resblocks[0].attn.in_proj_bias, backbone.norm.weight,
-                  backbone.blocks[0].attn.qkv.bias, backbone.cls_token, backbone.mask_token):
+    for param in (
+        objective.logit_scale,
+        text.ln_final.weight,
+        text.ln_final.bias,
+        text.transformer.resblocks[0].attn.in_proj_bias,
+        backbone.norm.weight,
+        backbone.blocks[0].attn.qkv.bias,
+        backbone.cls_token,
+        backbone.mask_token,
+    ):
         assert id(param) in no_decay
-    for param in (objective.image_proj.weight, text.text_projection, text.token_embedding.weight,
-                  text.positional_embedding, text.transformer.resblocks[0].attn.in_proj_weight,
-                  backbone.blocks[0].attn.qkv.weight, backbone.patch_embed.proj.weight, backbone.pos_embed):
+    for param in (
+        objective.image_proj.weight,
+        text.text_projection,
+        text.token_embedding.weight,
+        text.positional_embedding,
+        text.transformer.resblocks[0].attn.in_proj_weight,
+        backbone.blocks[0].attn.qkv.weight,
+        backbone.patch_embed.proj.weight,
+        backbone.pos_embed,
+    ):
         assert id(param) in decay
 
 
@@ -221,8 +243,9 @@ def test_crop_size_not_divisible_by_patch_names_the_flag():
 
 # -- optimizer recipe ----------------------------------------------------------------------------------------------
 def test_metaclip_optimizer_settings_reach_adamw():
-    cfg = OptimConfig(base_lr=4e-4, lr_scaling="none", warmup=2000, total=61036, betas=(0.9, 0.98), eps=1e-6,
-                      weight_decay=0.2)
+    cfg = OptimConfig(
+        base_lr=4e-4, lr_scaling="none", warmup=2000, total=61036, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
+    )
     schedule = StepSchedule(cfg, global_batch=32768, max_steps=0)
     assert schedule.peak_lr == 4e-4  # no batch scaling
     assert schedule.lr(0) == 0.0 and schedule.lr(1000) == pytest.approx(2e-4) and schedule.lr(2000) == 4e-4
@@ -231,8 +254,9 @@ def test_metaclip_optimizer_settings_reach_adamw():
     torch.manual_seed(0)
     module = LitWebSSL(small_clip(), backbone="vit_debug", optim=cfg)
     module.configure_model()
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=256), world_size=128, accumulate_grad_batches=1,
-                              max_steps=0)
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(batch_size=256), world_size=128, accumulate_grad_batches=1, max_steps=0
+    )
     module._trainer = trainer
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -246,8 +270,9 @@ def test_metaclip_optimizer_settings_reach_adamw():
 def test_clip_on_data_without_captions_stops_with_one_line(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
-        with MDSWriter(out=str(tmp_path / "nocap" / split), columns={"image": "bytes", "label": "int"},
-                       progress_bar=False) as writer:
+        with MDSWriter(
+            out=str(tmp_path / "nocap" / split), columns={"image": "bytes", "label": "int"}, progress_bar=False
+        ) as writer:
             for label in range(4):
                 buffer = io.BytesIO()
                 render(label, rng, 32)[0].save(buffer, format="PNG")
@@ -260,8 +285,9 @@ def test_clip_on_data_without_captions_stops_with_one_line(tmp_path):
     assert message in proc.stderr
     datamodule = WebSSLDataModule(str(data), caption_key=None, num_workers=0)
     datamodule.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=small_clip()))
-    with pytest.raises(DataConfigError, match=f"--data.caption_key: CLIP needs captions; name the caption column of "
-                                              f"the data at {data}"):
+    with pytest.raises(
+        DataConfigError, match=f"--data.caption_key: CLIP needs captions; name the caption column of the data at {data}"
+    ):
         datamodule.setup("fit")
 
 
@@ -278,8 +304,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     fixed = ["--model.optim.total", "100", "--model.optim.warmup", "1"]  # one schedule for all three runs
     main(["fit", "--config", str(path), *fast_overrides(data, steps=4, run_name="straight"), *fixed])
     main(["fit", "--config", str(path), *fast_overrides(data, steps=2, run_name="resumed"), *fixed])
-    main(["fit", "--config", str(path), *fast_overrides(data, steps=4, run_name="resumed"), *fixed,
-          "--ckpt_path", "last"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(path),
+            *fast_overrides(data, steps=4, run_name="resumed"),
+            *fixed,
+            "--ckpt_path",
+            "last",
+        ]
+    )
     straight = load_weights(Path("runs/straight/checkpoints/last.ckpt"))
     resumed = load_weights(Path("runs/resumed/checkpoints/last.ckpt"))
     assert straight.keys() == resumed.keys() and "objective.logit_scale" in straight
@@ -295,7 +330,12 @@ def test_shipped_clip_configs_follow_the_recipe():
         assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] == 32768, path.name
         assert trainer["precision"] == "bf16-mixed" and data["caption_key"] == "caption"
         assert (optim["base_lr"], optim["lr_scaling"], optim["betas"], optim["eps"], optim["weight_decay"]) == (
-            4e-4, "none", [0.9, 0.98], 1e-6, 0.2), path.name
+            4e-4,
+            "none",
+            [0.9, 0.98],
+            1e-6,
+            0.2,
+        ), path.name
         assert optim["unit"] == "samples" and optim["warmup"] == 2000 * 32768 and optim["min_lr"] == 0.0
         samples = 8_000_000_000 if path.stem == "vit_7b" else 2_000_000_000
         assert optim["total"] == samples and trainer["max_steps"] == math.ceil(samples / 32768), path.name
@@ -317,8 +357,11 @@ def _loss_and_grads(lo: int, hi: int):
     backbone, objective = setup(seed=0)
     batch = fake_batch(objective, batch_size=N, seed=7)
     batch["caption"] = [f"{c} {'stripes ' * i}" for i, c in enumerate(batch["caption"])]
-    part = {"views": {k: v[lo:hi] for k, v in batch["views"].items()}, "label": batch["label"][lo:hi],
-            "caption": batch["caption"][lo:hi]}
+    part = {
+        "views": {k: v[lo:hi] for k, v in batch["views"].items()},
+        "label": batch["label"][lo:hi],
+        "caption": batch["caption"][lo:hi],
+    }
     out = objective(part, backbone)
     world = dist.get_world_size() if dist.is_initialized() else 1
     (out.loss * (hi - lo) * world / N).backward()
@@ -349,7 +392,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -361,5 +403,6 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         torch.testing.assert_close(ranks["loss"], loss, rtol=0, atol=1e-5, msg=f"rank 0 holds {split} of {N}")
         assert ranks["grads"].keys() == grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-5,
-                                       msg=f"{name}, rank 0 holds {split} of {N}")
+            torch.testing.assert_close(
+                ranks["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=f"{name}, rank 0 holds {split} of {N}"
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contract import ObjectiveContract, fake_batch
+
 from lit_webssl.objectives import CLIP, MAE
 
 

@@ -11,14 +11,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from contract import ObjectiveContract, fake_batch
 from helpers import free_port
-from lit_webssl.objectives import DINOv2
-from lit_webssl.objectives.masking import sample_ibot_masks
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives import DINOv2
+from lit_webssl.objectives.masking import sample_ibot_masks
 from lit_webssl.presets import build_backbone
 
-SMALL_HEADS = {"head_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16, "ibot_prototypes": 48,
-               "ibot_hidden_dim": 32, "ibot_bottleneck_dim": 16}
+SMALL_HEADS = {
+    "head_prototypes": 64,
+    "head_hidden_dim": 32,
+    "head_bottleneck_dim": 16,
+    "ibot_prototypes": 48,
+    "ibot_hidden_dim": 32,
+    "ibot_bottleneck_dim": 16,
+}
 
 
 def small_dino(**kwargs) -> DINOv2:
@@ -58,8 +64,9 @@ def test_teacher_is_an_eval_copy_without_gradients():
     objective.train()
     assert not objective.teacher.training
     assert all(not p.requires_grad for p in objective.teacher.parameters())
-    for (name, s), t in zip(backbone.state_dict().items(), objective.teacher["backbone"].state_dict().values(),
-                            strict=True):
+    for (name, s), t in zip(
+        backbone.state_dict().items(), objective.teacher["backbone"].state_dict().values(), strict=True
+    ):
         assert torch.equal(s, t), name
     names = {n for n, _ in objective.trainable_named_parameters()}
     assert names and not any(n.startswith("teacher.") for n in names)
@@ -121,8 +128,13 @@ def test_fp32_masters_of_another_world_stop_with_one_line():
     from lit_webssl.errors import ConfigError
     from lit_webssl.parallel import ShardedEMA, assemble_masters
 
-    state = {"layout": "zero3", "rank": 0, "world_size": 2, "shapes": {"objective.teacher.w": (3,)},
-             "masters": {"objective.teacher.w": torch.zeros(2)}}
+    state = {
+        "layout": "zero3",
+        "rank": 0,
+        "world_size": 2,
+        "shapes": {"objective.teacher.w": (3,)},
+        "masters": {"objective.teacher.w": torch.zeros(2)},
+    }
     with pytest.raises(ConfigError, match=r"--ckpt_path: .* saved by 2 ranks, this run has 1"):
         ShardedEMA().load_state_dict(state, prefix="objective.")
     with pytest.raises(ConfigError, match=r"ranks \[1\] are missing"):
@@ -142,15 +154,24 @@ def test_ema_update_moves_the_teacher_under_bf16_mixed_fit(tmp_path):
 
         def train_dataloader(self):
             views = fake_batch(small_dino(), batch_size=4)["views"]
-            batch = {"views": {k: (v.clamp(-2, 2) * 60 + 128).to(torch.uint8) for k, v in views.items()},
-                     "label": torch.zeros(4, dtype=torch.long)}
+            batch = {
+                "views": {k: (v.clamp(-2, 2) * 60 + 128).to(torch.uint8) for k, v in views.items()},
+                "label": torch.zeros(4, dtype=torch.long),
+            }
             return torch.utils.data.DataLoader([batch] * 3, batch_size=None)
 
     torch.manual_seed(0)
     module = LitWebSSL(small_dino(momentum_teacher=0.9, final_momentum_teacher=0.9), backbone="vit_debug")
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=Data())
     teacher = module.objective.teacher["backbone"]
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
@@ -160,8 +181,13 @@ def test_ema_update_moves_the_teacher_under_bf16_mixed_fit(tmp_path):
 
 
 def test_schedules_at_chosen_steps():
-    objective = small_dino(teacher_temp_warmup=100, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                           momentum_teacher=0.994, final_momentum_teacher=1.0)
+    objective = small_dino(
+        teacher_temp_warmup=100,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        momentum_teacher=0.994,
+        final_momentum_teacher=1.0,
+    )
     objective.bind_schedule(global_batch=64, total_steps=1000, unit="steps")
     assert objective.teacher_temp_at(0) == pytest.approx(0.04)
     assert objective.teacher_temp_at(50) == pytest.approx(0.055)
@@ -190,8 +216,13 @@ def test_param_groups_patch_embed_no_decay_layerwise_and_frozen_last_layer():
     assert group(backbone.blocks[depth - 1].attn.qkv.weight)["lr_mult"] == pytest.approx(0.5)
     assert group(backbone.norm.weight)["lr_mult"] == 1.0
     assert group(objective.dino_head.mlp[0].weight)["lr_mult"] == 1.0
-    for no_decay in (backbone.blocks[0].attn.qkv.bias, backbone.blocks[0].norm1.weight, backbone.blocks[0].ls1.gamma,
-                     backbone.cls_token, backbone.pos_embed):
+    for no_decay in (
+        backbone.blocks[0].attn.qkv.bias,
+        backbone.blocks[0].norm1.weight,
+        backbone.blocks[0].ls1.gamma,
+        backbone.cls_token,
+        backbone.pos_embed,
+    ):
         assert group(no_decay)["wd_mult"] == 0.0 and group(no_decay)["weight_decay"] == 0.0
     assert group(backbone.blocks[0].mlp.fc1.weight)["wd_mult"] == 1.0
     for last in (objective.dino_head.last_layer.weight_v, objective.ibot_head.last_layer.weight_g):
@@ -206,8 +237,7 @@ def test_per_module_gradient_clipping():
     objective(fake_batch(objective), backbone).loss.backward()
     objective.on_before_optimizer_step(backbone, 0)
     for module in objective.student_modules(backbone).values():
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()
-                                                     if p.grad is not None]))
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
         assert norm <= 1e-3 * (1 + 1e-4)
 
 
@@ -235,8 +265,9 @@ def test_contradictions_name_the_flag(kwargs, flag):
         small_dino(**kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [({"global_crop_size": 30}, "global_crop_size"),
-                                              ({"local_crop_size": 18}, "local_crop_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"), [({"global_crop_size": 30}, "global_crop_size"), ({"local_crop_size": 18}, "local_crop_size")]
+)
 def test_crop_size_not_divisible_by_patch_names_the_flag(kwargs, flag):
     objective = small_dino(**kwargs)
     with pytest.raises(ConfigError, match=f"--model.objective.init_args.{flag}=\\d+ is not divisible"):
@@ -286,11 +317,12 @@ def _worker(rank: int, port: int, centering: str, out_dir: str) -> None:
         for g in grads.values():
             dist.all_reduce(g)  # DDP: mean of the ranks' gradients
         if rank == 0:
-            torch.save({"loss": loss / 2, "grads": {k: g / 2 for k, g in grads.items()}, "center": center},
-                       os.path.join(out_dir, "ranks.pt"))
+            torch.save(
+                {"loss": loss / 2, "grads": {k: g / 2 for k, g in grads.items()}, "center": center},
+                os.path.join(out_dir, "ranks.pt"),
+            )
     finally:
         dist.destroy_process_group()
-
 
 
 @pytest.mark.distributed

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port
+
 from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,9 +69,7 @@ def test_dino_loss_pairs_every_student_with_every_teacher():
     total = loss_fn(students, teachers)
     pairs = sum(loss_fn([s], [t]) for s in students for t in teachers)
     torch.testing.assert_close(total, pairs)
-    by_hand = sum(
-        _ref_ce(s[i].tolist(), t[i].tolist(), 0.1) / 4 for s in students for t in teachers for i in range(4)
-    )
+    by_hand = sum(_ref_ce(s[i].tolist(), t[i].tolist(), 0.1) / 4 for s in students for t in teachers for i in range(4))
     assert total.item() == pytest.approx(by_hand, rel=1e-5)
     g_total = torch.autograd.grad(total, students)
     g_pairs = torch.autograd.grad(pairs, students)
@@ -311,9 +310,7 @@ def _inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def _compute(
-    x: dict[str, torch.Tensor], masks: torch.Tensor, n_masked: torch.Tensor | int
-) -> dict[str, torch.Tensor]:
+def _compute(x: dict[str, torch.Tensor], masks: torch.Tensor, n_masked: torch.Tensor | int) -> dict[str, torch.Tensor]:
     """The same computation on a rank's shard (under a process group) or on the whole batch (single process)."""
     out: dict[str, torch.Tensor] = {}
     b = x["t1"].shape[0]

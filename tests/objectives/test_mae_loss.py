@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lit_webssl.objectives.losses import MAELoss, patchify
 from lit_webssl.objectives.mae import random_masking
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lit_webssl.objectives.masking import BlockMaskGenerator, sample_ibot_masks, stratified_ratios
 
 GRID = (16, 16)
@@ -143,32 +144,38 @@ def test_custom_generator_is_used():
     assert int((masks.sum(1) > 0).sum()) == 16
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"mask_probability": 1.5}, "mask_probability"),
-    ({"mask_probability": -0.1}, "mask_probability"),
-    ({"ratio_range": (0.5, 0.1)}, "ratio_range"),
-    ({"ratio_range": (-0.1, 0.5)}, "ratio_range"),
-    ({"ratio_range": (0.1, 1.5)}, "ratio_range"),
-    ({"ratio_range": (0.1,)}, "ratio_range"),
-    ({"grid": (0, 16)}, "grid"),
-    ({"grid": (16, -1)}, "grid"),
-    ({"grid": (16,)}, "grid"),
-    ({"n_images": -1}, "n_images"),
-    ({"generator": BlockMaskGenerator((8, 8))}, "generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"mask_probability": 1.5}, "mask_probability"),
+        ({"mask_probability": -0.1}, "mask_probability"),
+        ({"ratio_range": (0.5, 0.1)}, "ratio_range"),
+        ({"ratio_range": (-0.1, 0.5)}, "ratio_range"),
+        ({"ratio_range": (0.1, 1.5)}, "ratio_range"),
+        ({"ratio_range": (0.1,)}, "ratio_range"),
+        ({"grid": (0, 16)}, "grid"),
+        ({"grid": (16, -1)}, "grid"),
+        ({"grid": (16,)}, "grid"),
+        ({"n_images": -1}, "n_images"),
+        ({"generator": BlockMaskGenerator((8, 8))}, "generator"),
+    ],
+)
 def test_sample_ibot_masks_argument_errors(kwargs, name):
     args = {"n_images": 4, "grid": GRID, **kwargs}
     with pytest.raises(ValueError, match=name):
         sample_ibot_masks(**args)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"grid": (0, 4)}, "grid"),
-    ({"min_num_patches": -1}, "min_num_patches"),
-    ({"max_num_patches": 0}, "max_num_patches"),
-    ({"min_aspect": 0.0}, "min_aspect"),
-    ({"min_aspect": 0.5, "max_aspect": 0.4}, "max_aspect"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"grid": (0, 4)}, "grid"),
+        ({"min_num_patches": -1}, "min_num_patches"),
+        ({"max_num_patches": 0}, "max_num_patches"),
+        ({"min_aspect": 0.0}, "min_aspect"),
+        ({"min_aspect": 0.5, "max_aspect": 0.4}, "max_aspect"),
+    ],
+)
 def test_generator_argument_errors(kwargs, name):
     args = {"grid": GRID, **kwargs}
     with pytest.raises(ValueError, match=name):

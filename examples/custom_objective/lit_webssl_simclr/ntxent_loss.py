@@ -35,8 +35,9 @@ class NTXentLoss(nn.Module):
     def logits_and_targets(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor]:
         """Scaled cosine logits ``(2B, 2B)`` (``-inf`` on the diagonal) and each row's positive column ``(2B,)``."""
         if z_a.shape != z_b.shape or z_a.ndim != 2:
-            raise ValueError(f"expected two (B, P) embeddings of the same shape, got {tuple(z_a.shape)} and "
-                             f"{tuple(z_b.shape)}")
+            raise ValueError(
+                f"expected two (B, P) embeddings of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+            )
         b = z_a.shape[0]
         z = F.normalize(torch.cat([z_a, z_b]).float(), dim=-1)  # 2B P
         logits = z @ z.T / self.temperature  # 2B 2B

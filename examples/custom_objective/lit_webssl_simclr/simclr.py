@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lit_webssl.objectives import Objective, ObjectiveOutput, ViewSpec
 from torch import Tensor, nn
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.objectives import Objective, ObjectiveOutput, ViewSpec
 from lit_webssl_simclr.ntxent_loss import NTXentLoss
 
 if TYPE_CHECKING:
@@ -67,8 +67,15 @@ class SimCLR(Objective):
             if value < 1:
                 raise ConfigError(f"--model.objective.init_args.{flag} must be >= 1, got {value}")
         self.view = ViewSpec(
-            "pair", size=crop_size, count=2, scale=tuple(crop_scale), hflip_p=hflip_p, color_jitter_p=color_jitter_p,
-            color_jitter=tuple(color_jitter), grayscale_p=grayscale_p, blur_p=blur_p,
+            "pair",
+            size=crop_size,
+            count=2,
+            scale=tuple(crop_scale),
+            hflip_p=hflip_p,
+            color_jitter_p=color_jitter_p,
+            color_jitter=tuple(color_jitter),
+            grayscale_p=grayscale_p,
+            blur_p=blur_p,
         )  # checked here, so a bad probability stops the run before anything is built
         self.proj_hidden_dim = proj_hidden_dim
         self.proj_dim = proj_dim
