@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from lit_webssl.models.presets import build_backbone
 from lit_webssl.objectives import MAE
-from lit_webssl.presets import build_backbone
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mae_tiny.yaml"
 

@@ -33,11 +33,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from lit_webssl.models.presets import build_backbone
 from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.base import is_no_decay
 from lit_webssl.objectives.masking import sample_ibot_masks
-from lit_webssl.optim import cosine_schedule
-from lit_webssl.presets import build_backbone
+from lit_webssl.training.optim import cosine_schedule
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "dino_tiny.yaml"
 INSTALL_HINT = (

@@ -40,9 +40,9 @@ def _peak_flops() -> float | None:
 
 
 def build_ours(device: torch.device):
+    from lit_webssl.models.presets import build_backbone
     from lit_webssl.objectives import MAE
     from lit_webssl.objectives.base import normalize_uint8
-    from lit_webssl.presets import build_backbone
 
     backbone = build_backbone("webmae_300m", device=device)
     objective = MAE(crop_size=224).to(device)
@@ -152,9 +152,9 @@ def trainer_throughput(batch_size: int, steps: int) -> tuple[float, float]:
     """images/s and peak GiB of ``fit`` through Lightning on synthetic uint8 batches (after 5 warm-up steps)."""
     import lightning as L
 
-    from lit_webssl.module import LitWebSSL
     from lit_webssl.objectives import MAE
-    from lit_webssl.optim import OptimConfig
+    from lit_webssl.training.module import LitWebSSL
+    from lit_webssl.training.optim import OptimConfig
 
     class Synthetic(L.LightningDataModule):
         def __init__(self) -> None:
@@ -207,9 +207,9 @@ def dino_main(args: argparse.Namespace) -> None:
 
     import yaml
 
+    from lit_webssl.models.presets import build_backbone
     from lit_webssl.objectives import DINOv2
     from lit_webssl.objectives.base import normalize_uint8
-    from lit_webssl.presets import build_backbone
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/webdino/vit_l.yaml").read_text())["model"]
     device = torch.device("cuda")

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import yaml
 
-from lit_webssl.activations import HostPeak, saved_tensor_bytes
-from lit_webssl.memory import parse_precision, parse_strategy
-from lit_webssl.module import LitWebSSL
 from lit_webssl.objectives.base import normalize_uint8
 from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
-from lit_webssl.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory
+from lit_webssl.planner.activations import HostPeak, saved_tensor_bytes
+from lit_webssl.planner.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory
+from lit_webssl.planner.states import parse_precision, parse_strategy
+from lit_webssl.training.module import LitWebSSL
 
 CONFIG_7B = Path(__file__).resolve().parents[1] / "configs" / "webdino" / "vit_7b.yaml"
 HEADS = {

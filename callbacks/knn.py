@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
+from lit_webssl.distributed import strategy_family
 from lit_webssl.errors import ConfigError
-from lit_webssl.knn import knn_top1
+from lit_webssl.eval.knn import knn_top1
 from lit_webssl.objectives.base import normalize_uint8
-from lit_webssl.parallel import strategy_family
 
 log = logging.getLogger(__name__)
 Pool = Literal["cls", "mean", "cls+mean"]

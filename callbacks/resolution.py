@@ -10,7 +10,7 @@ the Adam moments and how resume and sharded strategies work: ``docs/resolution.m
 
 A stage as its own launch, started from the weights of a finished run at another resolution (the released
 checkpoints' chain), needs no callback: ``--model.init_from`` loads them and resamples
-the stored position embeddings to the run's grid (:class:`lit_webssl.module.LitWebSSL`,
+the stored position embeddings to the run's grid (:class:`lit_webssl.training.module.LitWebSSL`,
 ``configs/webdino/vit_7b_{378,518}.yaml``).
 """
 
@@ -27,9 +27,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from lit_webssl.backbone import VisionTransformer
-from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import (
+from lit_webssl.distributed import (
     init_adam_state,
     is_sharded,
     local_shard,
@@ -37,7 +35,9 @@ from lit_webssl.parallel import (
     strategy_family,
     whole_fp32,
 )
-from lit_webssl.presets import PRESETS
+from lit_webssl.errors import ConfigError
+from lit_webssl.models.presets import PRESETS
+from lit_webssl.models.vit import VisionTransformer
 
 FLAG = "--trainer.callbacks ProgressiveResolution"
 
@@ -299,7 +299,7 @@ def _fixed_shape_strategy(strategy: Any) -> str | None:
     """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``:
     DeepSpeed ZeRO-1/2 (Adam moments, and gradients, in flat buffers laid out when the engine is built) and FSDP1
     (flat parameters). FSDP2 is not one (``LitWebSSL`` keeps the position tables out of its sharding:
-    :func:`lit_webssl.parallel.apply_fsdp2`'s ``replicate``), nor ZeRO-3 (:func:`_regrid_zero3`)."""
+    :func:`lit_webssl.distributed.apply_fsdp2`'s ``replicate``), nor ZeRO-3 (:func:`_regrid_zero3`)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     if isinstance(strategy, DeepSpeedStrategy) and strategy_family(strategy) == "deepspeed":
@@ -316,7 +316,7 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
     step count: the new table starts fresh, bias-corrected, moments). A DDP wrapper is rebuilt around the module (its
     reducer was laid out for the old shapes). Under FSDP2 the tables are replicated plain tensors (out of the
     sharding), so the same swap applies; the new table gets its zero Adam state at once, as every parameter there
-    has (:func:`lit_webssl.parallel.init_adam_state`), so a checkpoint saved before its first step loads. Under
+    has (:func:`lit_webssl.distributed.init_adam_state`), so a checkpoint saved before its first step loads. Under
     DeepSpeed ZeRO-3 the engine is built again (:func:`_regrid_zero3`). Raises a :class:`ConfigError` when a table
     is sharded otherwise.
 

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lit_webssl.distributed import ShardedEMA, full_shape
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import ShardedEMA, full_shape
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,14 +127,14 @@ class Objective(nn.Module, abc.ABC):
 
     backbone_factory: Callable[[], VisionTransformer] | None = None
     """Builds a fresh backbone of the run's preset; set by ``LitWebSSL`` before :meth:`configure`. Objectives that
-    keep a copy of the backbone (an EMA teacher) pass it to :func:`lit_webssl.parallel.copy_module`, which needs it
+    keep a copy of the backbone (an EMA teacher) pass it to :func:`lit_webssl.distributed.copy_module`, which needs it
     where a deep copy is impossible (ZeRO-3 partitions)."""
 
     def configure(self, backbone: VisionTransformer) -> None:  # noqa: B027 - optional hook
         """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``.
 
         Under ZeRO-3 this runs inside ``deepspeed.zero.Init``: a submodule's parameters are partitioned as soon as
-        its ``__init__`` returns, so initialize children through :func:`lit_webssl.parallel.init_module_tree`.
+        its ``__init__`` returns, so initialize children through :func:`lit_webssl.distributed.init_module_tree`.
         Under FSDP2 it runs on the meta device and :meth:`init_weights` follows once the shards exist.
         """
 
@@ -193,7 +193,7 @@ class Objective(nn.Module, abc.ABC):
         """Called after backward and before the optimizer step (e.g. per-module gradient clipping)."""
 
     def fp32_masters(self) -> ShardedEMA | None:
-        """The :class:`~lit_webssl.parallel.ShardedEMA` holding fp32 masters of this objective's low-precision
+        """The :class:`~lit_webssl.distributed.ShardedEMA` holding fp32 masters of this objective's low-precision
         copies (an EMA teacher under DeepSpeed bf16), which ``LitWebSSL`` saves with every rank's checkpoint and
         restores on resume; ``None``: the objective keeps no such state."""
         return None

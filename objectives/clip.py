@@ -22,14 +22,14 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
-from lit_webssl.backbone import check_img_size
+from lit_webssl.distributed import full_shape, gathered, is_partitioned, reset_parameters_tree
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.vit import check_img_size
 from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
 from lit_webssl.objectives.losses import CLIPLoss
-from lit_webssl.parallel import full_shape, gathered, is_partitioned, reset_parameters_tree
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
 
 FLAG = "--model.objective.init_args."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -20,13 +20,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from lit_webssl.backbone import check_img_size
-from lit_webssl.errors import ConfigError
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec, is_no_decay
-from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from lit_webssl.objectives.masking import sample_ibot_masks
-from lit_webssl.optim import cosine_schedule
-from lit_webssl.parallel import (
+from lit_webssl.distributed import (
     ShardedEMA,
     clip_grad_norm_,
     copy_local_shards,
@@ -36,9 +30,15 @@ from lit_webssl.parallel import (
     is_partitioned,
     param_pairs,
 )
+from lit_webssl.errors import ConfigError
+from lit_webssl.models.vit import check_img_size
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec, is_no_decay
+from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from lit_webssl.objectives.masking import sample_ibot_masks
+from lit_webssl.training.optim import cosine_schedule
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
 
 FLAG = "--model.objective.init_args."
 
@@ -460,7 +460,7 @@ class DINOv2(Objective):
         rank-local fp32 masters of its partitions where DeepSpeed stores it in bf16, from the student's fp32 values.
 
         Works on whatever each rank holds locally (full tensors under DDP, DTensor shards under FSDP2, ZeRO-3
-        partitions) and never reads an empty placeholder (:class:`lit_webssl.parallel.ShardedEMA`).
+        partitions) and never reads an empty placeholder (:class:`lit_webssl.distributed.ShardedEMA`).
         """
         for name, student in self.student_modules(backbone).items():
             self.ema.update(self.teacher[name], student, momentum, prefix=f"teacher.{name}.")

@@ -13,14 +13,14 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from lit_webssl.backbone import sincos_pos_embed
+from lit_webssl.distributed import init_module_tree
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.vit import sincos_pos_embed
 from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
 from lit_webssl.objectives.losses import MAELoss, patchify
-from lit_webssl.parallel import init_module_tree
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
 
 
 def random_masking(

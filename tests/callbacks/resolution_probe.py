@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_webssl.module import LitWebSSL
 from lit_webssl.objectives import DINOv2
+from lit_webssl.training.module import LitWebSSL
 
 
 class StepRecorder(L.Callback):
@@ -97,7 +97,7 @@ class Zero3BoundaryProbe(L.Callback):
     def _capture(pl_module: L.LightningModule) -> dict[str, Any]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        from lit_webssl.parallel import whole_fp32
+        from lit_webssl.distributed import whole_fp32
 
         def moment(param: torch.Tensor, key: str) -> torch.Tensor | None:
             try:
@@ -211,7 +211,7 @@ def mixed_clip_worker(rank: int, port: int, root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    from lit_webssl.parallel import (
+    from lit_webssl.distributed import (
         apply_fsdp2,
         average_replicated_grads,
         broadcast_replicated,

@@ -18,13 +18,13 @@ import yaml
 from helpers import CONFIGS, REPO, free_port, load_weights, tiny_demo
 from resolution_probe import fsdp2_warm_start_worker, tiny_dino_module, write_source_weights
 
-from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, grid_of, sincos_pos_embed
 from lit_webssl.callbacks.resolution import ProgressiveResolution, ResolutionStage, resample_module_grids
 from lit_webssl.checkpoint import checkpoint_kind, read_state_dict, stored_grid
 from lit_webssl.cli import main
 from lit_webssl.errors import ConfigError
-from lit_webssl.module import LitWebSSL
+from lit_webssl.models.vit import VisionTransformer, fit_pos_embed_grids, grid_of, sincos_pos_embed
 from lit_webssl.objectives import CLIP, MAE, DINOv2
+from lit_webssl.training.module import LitWebSSL
 
 HERE = Path(__file__).resolve().parent
 FLAG = "--trainer.callbacks ProgressiveResolution"

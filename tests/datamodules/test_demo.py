@@ -11,7 +11,7 @@ from streaming.base.local import LocalDataset
 
 from lit_webssl.datamodules import EvalTransform, build_demo_dataset, decode_image
 from lit_webssl.datamodules.demo import CLASSES, main, render
-from lit_webssl.knn import knn_top1
+from lit_webssl.eval.knn import knn_top1
 from lit_webssl.objectives.base import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 
 

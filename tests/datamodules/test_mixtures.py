@@ -21,8 +21,8 @@ from streaming.base.local import LocalDataset
 
 from lit_webssl.cli import WebSSLCLI
 from lit_webssl.datamodules import DataConfigError, StreamSpec, WebSSLDataModule
-from lit_webssl.module import LitWebSSL
 from lit_webssl.objectives.base import ViewSpec
+from lit_webssl.training.module import LitWebSSL
 
 VIEWS = [ViewSpec("global", size=16, count=1, scale=(0.5, 1.0))]
 SIZES = (8, 12, 8)  # training samples of streams 0, 1, 2 (4 validation samples each)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_webssl.backbone import VisionTransformer, sincos_pos_embed, swiglu_hidden
-from lit_webssl.plan import count_params
-from lit_webssl.presets import PRESETS, build_backbone
+from lit_webssl.models.presets import PRESETS, build_backbone
+from lit_webssl.models.vit import VisionTransformer, sincos_pos_embed, swiglu_hidden
+from lit_webssl.planner.plan import count_params
 
 KEYS = {"x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"}
 

@@ -8,8 +8,8 @@ from helpers import run_cli
 
 from lit_webssl.checkpoint import checkpoint_kind, read_state_dict
 from lit_webssl.errors import ConfigError
-from lit_webssl.module import LitWebSSL
 from lit_webssl.objectives import DINOv2
+from lit_webssl.training.module import LitWebSSL
 
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import CONFIGS, fast_overrides, load_weights, run_cli, tiny_demo
 
 from lit_webssl.cli import WebSSLCLI, main
-from lit_webssl.module import LitWebSSL
+from lit_webssl.training.module import LitWebSSL
 
 COMPARE = CONFIGS / "demo" / "compare"  # blocks: base.yaml + one objective block, composed by repeated --config
 DATA = CONFIGS / "data"  # data blocks, given after a model config

@@ -13,7 +13,7 @@ from helpers import CONFIGS, tiny_demo
 
 from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
 from lit_webssl.callbacks.throughput import ThroughputMonitor, _batch_images
-from lit_webssl.compare import main, resolve_blocks
+from lit_webssl.cli.compare import main, resolve_blocks
 from lit_webssl.errors import ConfigError
 
 BASE = CONFIGS / "demo" / "compare" / "base.yaml"
@@ -121,7 +121,7 @@ def test_the_cli_dispatches_compare_and_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_table_lists_baselines_per_objective_only_when_they_differ():
-    from lit_webssl.compare import Row, markdown
+    from lit_webssl.cli.compare import Row, markdown
 
     same = [Row("a", "a.yaml", None, 0, 1.0, 0.5, 0.3, 0.1), Row("b", "b.yaml", None, 0, 1.0, 0.6, 0.3, 0.1)]
     assert "pixels 30.00 %, random-init encoder 10.00 %." in markdown(same, BASE, [])

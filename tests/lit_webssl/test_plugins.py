@@ -16,10 +16,15 @@ import torch
 import yaml
 from helpers import CONFIGS, REPO, fast_overrides, run_cli, tiny_demo
 
-from lit_webssl import registry
 from lit_webssl.cli import main
 from lit_webssl.errors import ConfigError
-from lit_webssl.registry import available_objectives, format_objectives, resolve_objective, resolve_objective_args
+from lit_webssl.objectives import registry
+from lit_webssl.objectives.registry import (
+    available_objectives,
+    format_objectives,
+    resolve_objective,
+    resolve_objective_args,
+)
 
 EXAMPLE = REPO / "examples" / "custom_objective"
 for _path in (EXAMPLE, REPO / "tests" / "objectives"):  # the example's source and the shared objective contract

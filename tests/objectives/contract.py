@@ -7,8 +7,8 @@ import math
 
 import torch
 
+from lit_webssl.models.presets import build_backbone
 from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
-from lit_webssl.presets import build_backbone
 
 
 def fake_batch(objective: Objective, batch_size: int = 4, seed: int = 0) -> dict:

@@ -26,12 +26,12 @@ from lit_webssl.cli import main
 from lit_webssl.datamodules import DataConfigError, WebSSLDataModule
 from lit_webssl.datamodules.demo import render
 from lit_webssl.errors import ConfigError
-from lit_webssl.module import LitWebSSL
+from lit_webssl.models.presets import build_backbone
 from lit_webssl.objectives import CLIP
 from lit_webssl.objectives import clip as clip_module
 from lit_webssl.objectives.losses import CLIPLoss
-from lit_webssl.optim import OptimConfig, StepSchedule
-from lit_webssl.presets import build_backbone
+from lit_webssl.training.module import LitWebSSL
+from lit_webssl.training.optim import OptimConfig, StepSchedule
 
 SOT, EOT = 49406, 49407
 SMALL_TEXT = {"embed_dim": 16, "text_width": 32, "text_layers": 2, "text_heads": 2, "context_length": 16}

@@ -13,9 +13,9 @@ from contract import ObjectiveContract, fake_batch
 from helpers import free_port
 
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.presets import build_backbone
 from lit_webssl.objectives import DINOv2
 from lit_webssl.objectives.masking import sample_ibot_masks
-from lit_webssl.presets import build_backbone
 
 SMALL_HEADS = {
     "head_prototypes": 64,
@@ -93,7 +93,7 @@ def test_ema_update_accumulates_in_fp32_below_bf16_resolution():
 def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_checkpoint():
     """A teacher stored in bf16 (as DeepSpeed stores it; here ``bf16-true`` on one process) gets fp32 masters: 5 updates
     of 6e-6 each, each invisible in bf16, add up in the master and reach the bf16 teacher once they pass its step."""
-    from lit_webssl.parallel import FP32_MASTERS, assemble_masters
+    from lit_webssl.distributed import FP32_MASTERS, assemble_masters
 
     backbone, objective = setup()
     objective.teacher.bfloat16()
@@ -125,8 +125,8 @@ def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_che
 def test_fp32_masters_of_another_world_stop_with_one_line():
     """ZeRO-3 partitions depend on the number of ranks: masters saved by 2 ranks cannot be resumed by 1, and a
     conversion missing a rank's file cannot assemble them."""
+    from lit_webssl.distributed import ShardedEMA, assemble_masters
     from lit_webssl.errors import ConfigError
-    from lit_webssl.parallel import ShardedEMA, assemble_masters
 
     state = {
         "layout": "zero3",
@@ -147,7 +147,7 @@ def test_fp32_masters_of_another_world_stop_with_one_line():
 def test_ema_update_moves_the_teacher_under_bf16_mixed_fit(tmp_path):
     import lightning as L
 
-    from lit_webssl.module import LitWebSSL
+    from lit_webssl.training.module import LitWebSSL
 
     class Data(L.LightningDataModule):
         batch_size = 4

@@ -15,7 +15,7 @@ from lit_webssl.objectives import Objective, ObjectiveOutput, ViewSpec
 from lit_webssl_simclr.ntxent_loss import NTXentLoss
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
 
 
 class ProjectionHead(nn.Sequential):

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lit_webssl.distributed import FP32_MASTERS, assemble_masters
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import FP32_MASTERS, assemble_masters
 
 Kind = Literal["deepspeed", "dcp", "file"]
 _DEEPSPEED_KEYS = (
@@ -81,7 +81,7 @@ def stored_grid(path: str | Path, key: str = "backbone.pos_embed", num_prefix_to
     """Side of the position-embedding grid that the checkpoint at ``path`` stores under ``key`` (a run saved in a
     later resolution stage stores a larger one), read without loading the weights: a distributed checkpoint's
     metadata, a memory-mapped file, or the shapes a DeepSpeed folder records. ``None`` when the entry is absent."""
-    from lit_webssl.backbone import grid_of
+    from lit_webssl.models.vit import grid_of
 
     kind = checkpoint_kind(path)
     if kind == "dcp":

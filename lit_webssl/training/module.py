@@ -12,12 +12,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_webssl.backbone import VisionTransformer, fit_pos_embed_grids, match_pos_embed_grids
 from lit_webssl.checkpoint import read_state_dict, stored_grid
-from lit_webssl.errors import ConfigError
-from lit_webssl.objectives.base import Objective, normalize_uint8
-from lit_webssl.optim import OptimConfig, StepSchedule
-from lit_webssl.parallel import (
+from lit_webssl.distributed import (
     FP32_MASTERS,
     apply_fsdp2,
     average_replicated_grads,
@@ -32,13 +28,17 @@ from lit_webssl.parallel import (
     partition_of,
     strategy_family,
 )
-from lit_webssl.presets import PRESETS, build_backbone
+from lit_webssl.errors import ConfigError
+from lit_webssl.models.presets import PRESETS, build_backbone
+from lit_webssl.models.vit import VisionTransformer, fit_pos_embed_grids, match_pos_embed_grids
+from lit_webssl.objectives.base import Objective, normalize_uint8
+from lit_webssl.training.optim import OptimConfig, StepSchedule
 
 log = logging.getLogger(__name__)
 
 
 class LitWebSSL(L.LightningModule):
-    """Trains ``objective`` over a backbone from :mod:`lit_webssl.presets`.
+    """Trains ``objective`` over a backbone from :mod:`lit_webssl.models.presets`.
 
     The backbone and the objective's heads are built in :meth:`configure_model`, not in ``__init__``, so sharded
     strategies can build them directly on their shards and ``plan`` can build them on the meta device.
@@ -109,7 +109,7 @@ class LitWebSSL(L.LightningModule):
         return build_backbone(self.backbone_name, self.backbone_overrides, device=device)
 
     def configure_model(self) -> None:
-        """Build backbone and objective for the strategy in use (:mod:`lit_webssl.parallel`).
+        """Build backbone and objective for the strategy in use (:mod:`lit_webssl.distributed`).
 
         Replicated strategies build them whole. Under ZeRO-3 Lightning calls this inside ``deepspeed.zero.Init``, so
         every submodule is partitioned as it is built. Under FSDP2 they are built on the meta device, sharded per
@@ -186,7 +186,7 @@ class LitWebSSL(L.LightningModule):
 
     @property
     def _family(self) -> str:
-        """The strategy family in use (:func:`lit_webssl.parallel.strategy_family`; ``replicated`` unattached)."""
+        """The strategy family in use (:func:`lit_webssl.distributed.strategy_family`; ``replicated`` unattached)."""
         return strategy_family(getattr(self._trainer, "strategy", None))
 
     def global_batch_size(self) -> int:
@@ -348,7 +348,7 @@ class LitWebSSL(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Lightning's clipping (``--trainer.gradient_clip_val``); by norm under FSDP2 through
-        :func:`lit_webssl.parallel.clip_grad_norm_`, since the gradients there mix ``DTensor`` shards with the
+        :func:`lit_webssl.distributed.clip_grad_norm_`, since the gradients there mix ``DTensor`` shards with the
         replicated position tables, which torch's own function refuses."""
         trainer = self._trainer
         value = gradient_clip_val if gradient_clip_val is not None else getattr(trainer, "gradient_clip_val", None)

@@ -1,6 +1,7 @@
 """What autograd keeps for backward in one training step: a byte count per tensor kind, from the built model.
 
-The planner (:mod:`lit_webssl.plan`) adds these to the states of :mod:`lit_webssl.memory`. Counts follow what the
+The planner (:mod:`lit_webssl.planner.plan`) adds these to the states of :mod:`lit_webssl.planner.states`. Counts
+follow what the
 code saves, op by op, for timm's ``Block`` (pre-norm attention + MLP, optional LayerScale and drop path) and for the
 heads and losses of the built-in objectives; ``tests/lit_webssl/test_plan.py`` checks them against the bytes that
 ``torch.autograd.graph.saved_tensors_hooks`` sees in a real step.
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
-    from lit_webssl.backbone import VisionTransformer
+    from lit_webssl.models.vit import VisionTransformer
     from lit_webssl.objectives.base import Objective
 
 FP32 = 4

@@ -2,9 +2,10 @@
 
 ``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
 ``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools;
-``objectives`` lists the objectives registered by short name (built-in and plugins, :mod:`lit_webssl.registry`);
+``objectives`` lists the objectives registered by short name (built-in and plugins,
+:mod:`lit_webssl.objectives.registry`);
 ``checkpoint convert`` makes one fp32 file of a sharded checkpoint (:mod:`lit_webssl.checkpoint`);
-``compare`` trains several objectives on one shared config block and tabulates them (:mod:`lit_webssl.compare`).
+``compare`` trains several objectives on one shared config block and tabulates them (:mod:`lit_webssl.cli.compare`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_webssl.errors import ConfigError
-from lit_webssl.module import LitWebSSL
-from lit_webssl.registry import available_objectives, objectives_main, resolve_objective_args
+from lit_webssl.objectives.registry import available_objectives, objectives_main, resolve_objective_args
+from lit_webssl.training.module import LitWebSSL
 
 RUNS_DIR = "runs"
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields document themselves in --help
@@ -144,7 +145,7 @@ def _cli(args: list[str], **kwargs: Any) -> WebSSLCLI:
 
 def plan_main(argv: list[str]) -> None:
     """``plan --config FILE [--devices N] [--nodes M] [--device-memory GIB] [--detail]``: per-device memory plan."""
-    from lit_webssl.plan import plan_main as run_plan
+    from lit_webssl.planner.plan import plan_main as run_plan
 
     run_plan(argv, lambda rest: _cli(rest, run=False, plan=True))
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "objectives":
             return objectives_main(argv[1:])
         if argv and argv[0] == "compare":
-            from lit_webssl.compare import main as compare_main
+            from lit_webssl.cli.compare import main as compare_main
 
             code = compare_main(argv[1:])
             if code:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.vit import VisionTransformer
 
 _DINO = {"patch_size": 14, "ffn": "swiglu", "layerscale": 1e-5, "img_size": 224}
 _MAE = {

@@ -20,9 +20,9 @@ from typing import Any
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from lit_webssl.activations import BOTH
-from lit_webssl.backbone import VisionTransformer
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.vit import VisionTransformer
+from lit_webssl.planner.activations import BOTH
 
 STRATEGY_FLAG = "--trainer.strategy"
 PRECISION_FLAG = "--trainer.precision"
@@ -247,7 +247,7 @@ def _model_parallel(args: dict[str, Any], label: str) -> StrategySpec:
 # -- the model's tensors ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelCounts:
-    """Element counts of a built (meta) :class:`~lit_webssl.module.LitWebSSL`.
+    """Element counts of a built (meta) :class:`~lit_webssl.training.module.LitWebSSL`.
 
     Attributes:
         backbone: Trainable backbone parameters.
@@ -390,7 +390,7 @@ def state_rows(
             optimizer_bytes(counts, spec, pbytes) / o_div + _step_counters(counts, spec),
             spec.offload_optimizer,
         ),
-        # DeepSpeed stores every parameter in its precision, the teacher's too (lit_webssl.parallel); others keep fp32
+        # DeepSpeed stores every parameter in its precision, the teacher's too (distributed/); others keep fp32
         place(
             f"EMA teacher ({dtype if spec.kind == 'deepspeed' else 'fp32'})",
             counts.teacher * (pbytes if spec.kind == "deepspeed" else FP32) / p_div,

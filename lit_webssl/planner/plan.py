@@ -4,8 +4,8 @@
 model's shape, then one row per component: parameters, gradients and optimizer states (replicated or sharded as the
 configured strategy does it), the EMA teacher, the heads, the activations of the configured crop mix and batch, the
 strategy's buffers and an allowance for the CUDA context and fragmentation; with ``--device-memory``, whether the
-peak fits. The formulas are in ``docs/planner.md``; states come from :mod:`lit_webssl.memory`, activations from
-:mod:`lit_webssl.activations`.
+peak fits. The formulas are in ``docs/planner.md``; states come from :mod:`lit_webssl.planner.states`, activations from
+:mod:`lit_webssl.planner.activations`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lit_webssl.activations import (
+from lit_webssl.errors import ConfigError
+from lit_webssl.planner.activations import (
     BACKWARD,
     FORWARD,
     Activation,
@@ -28,8 +29,7 @@ from lit_webssl.activations import (
     regime,
     weight_copies,
 )
-from lit_webssl.errors import ConfigError
-from lit_webssl.memory import (
+from lit_webssl.planner.states import (
     ALWAYS,
     FWD_BWD,
     STEP,
@@ -42,7 +42,7 @@ from lit_webssl.memory import (
     resolve_auto,
     state_rows,
 )
-from lit_webssl.module import LitWebSSL
+from lit_webssl.training.module import LitWebSSL
 
 GIB = 1024**3
 CONTEXT_GIB = 1.0

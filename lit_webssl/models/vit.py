@@ -4,7 +4,7 @@ Shape legend used in comments: B batch, N patch tokens, K kept patch tokens (MAE
 
 The layout follows DINOv2's ``DinoVisionTransformer`` (patch embed, CLS token, learned absolute position embedding
 over 1 + grid, a learned ``mask_token`` for iBOT, pre-norm blocks, final LayerNorm), with timm's ``Block``,
-``GluMlp`` (SwiGLU) and ``Mlp`` (GELU) doing the work. Presets live in :mod:`lit_webssl.presets`.
+``GluMlp`` (SwiGLU) and ``Mlp`` (GELU) doing the work. Presets live in :mod:`lit_webssl.models.presets`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_webssl.distributed import copy_whole_, full_shape, init_module_tree, is_sharded
 from lit_webssl.errors import ConfigError
-from lit_webssl.parallel import copy_whole_, full_shape, init_module_tree, is_sharded
 
 FFN = Literal["mlp", "swiglu"]
 
@@ -160,7 +160,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self, materialize: bool = False) -> None:
         """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init.
 
-        Runs module by module (:func:`lit_webssl.parallel.init_module_tree`), so it also initializes a model built
+        Runs module by module (:func:`lit_webssl.distributed.init_module_tree`), so it also initializes a model built
         partitioned under ZeRO-3 (each submodule gathered in turn) or sharded by FSDP2 (on its shards).
 
         Args:

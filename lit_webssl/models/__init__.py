@@ -1,0 +1,1 @@
+"""The shared ViT (a thin layer over timm's) and its presets by name."""

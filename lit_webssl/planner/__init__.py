@@ -1,0 +1,1 @@
+"""``plan``: per-device memory of a configured run, built on the meta device."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, optimizer settings and step-indexed schedules."""
