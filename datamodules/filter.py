@@ -4,7 +4,7 @@
     python -m lit_webssl data filter --in data/web --out data/web_heavy --keep heavy --workers 16
     python -m lit_webssl data filter --in data/web --out data/web_light --keep light --vlm-model ~/SmolVLM2-2.2B
 
-The paper's filtered MC-2B subsets (RECIPE.md section 7): *light* keeps the images that contain any text (50.3 %),
+The paper's filtered MC-2B subsets (docs/recipe.md section 7): *light* keeps the images that contain any text (50.3 %),
 *heavy* those that are text-dense: charts, documents, tables (1.3 %). Scorers (``--scorer``; the defaults are the
 better CPU scorer of each level as measured on the demo text set, docs/filter.md):
 
@@ -15,7 +15,8 @@ better CPU scorer of each level as measured on the demo text set, docs/filter.md
 * ``ocr`` (default of ``--keep heavy``): the Tesseract OCR engine (``tesseract`` binary, sparse-text mode) on the
   images where the classical detector sees at least one word. Light and heavy score: number of confidently read
   words (confidence >= 60, two or more letters or digits).
-* ``vlm``: a vision-language model (SmolVLM2, as the paper did) asked RECIPE 7's yes/no questions; the score is
+* ``vlm``: a vision-language model (SmolVLM2, as the paper did) asked the yes/no questions of
+  docs/recipe.md section 7; the score is
   P(yes) from the first answer token's logits, renormalized over the yes and no tokens. Local weights only
   (``--vlm-model PATH``).
 
@@ -71,7 +72,7 @@ VLM_PROMPTS = {
     "light": "Does this image contain any readable text? Answer yes or no.",
     "heavy": "Does this image contain a chart, table, document, or other text-dense content? Answer yes or no.",
 }
-"""RECIPE 7's reconstruction of the paper's SmolVLM2 questions (the exact prompts are unpublished)."""
+"""docs/recipe.md section 7's reconstruction of the paper's SmolVLM2 questions (the exact prompts are unpublished)."""
 YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
 NO_WORDS = ("no", "No", "NO", " no", " No", " NO")
 SCORE_COLUMNS = {"text_score": "float64", "text_level": "str"}

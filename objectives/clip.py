@@ -1,4 +1,5 @@
-"""CLIP: the language-supervised baseline of Web-SSL, trained with the MetaCLIP recipe over the shared ViT (RECIPE 5).
+"""CLIP: the language-supervised baseline of Web-SSL, trained with the MetaCLIP recipe over the shared ViT
+(docs/recipe.md section 5).
 
 Image tower: the shared backbone, pooled (normed CLS token or mean of normed patch tokens), then a linear projection
 without bias to ``embed_dim``. Text tower: open_clip's ``TextTransformer`` (causal, the embedding taken at the EOT

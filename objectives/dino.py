@@ -1,4 +1,4 @@
-"""Web-DINO: the DINOv2 recipe (DINO + iBOT + KoLeo, Sinkhorn-Knopp) over the shared ViT (RECIPE sections 2-3).
+"""Web-DINO: the DINOv2 recipe (DINO + iBOT + KoLeo, Sinkhorn-Knopp) over the shared ViT (docs/recipe.md sections 2-3).
 
 Shapes: B images per rank, G = 2 global crops, L local crops, N patches of a global crop, M masked patches of the
 rank's global crops (all images), D backbone width, K prototypes (DINO head), Kp prototypes (iBOT head).
@@ -114,7 +114,8 @@ class DINOHead(nn.Module):
 class DINOv2(Objective):
     """Web-DINO = DINOv2: self-distillation from an EMA teacher with DINO (CLS), iBOT (masked patches) and KoLeo.
 
-    Defaults are DINOv2's ViT-g recipe that Web-DINO uses (RECIPE 2.2). Schedule lengths (``teacher_temp_warmup``,
+    Defaults are DINOv2's ViT-g recipe that Web-DINO uses (docs/recipe.md section 2.2). Schedule lengths
+    (``teacher_temp_warmup``,
     ``freeze_last_layer``) count in the unit of ``--model.optim.unit`` (steps or samples seen); the teacher momentum
     follows a cosine over the whole run (``--model.optim.total`` or ``--trainer.max_steps``).
 

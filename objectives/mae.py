@@ -1,4 +1,4 @@
-"""Web-MAE: masked autoencoding over the shared ViT (RECIPE section 4).
+"""Web-MAE: masked autoencoding over the shared ViT (docs/recipe.md section 4).
 
 Shapes: B batch, N patches, K = N * (1 - mask_ratio) kept patches, D encoder width, E decoder width,
 P = patch_size**2 * 3 pixel values per patch.

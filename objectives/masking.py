@@ -1,4 +1,4 @@
-"""iBOT mask sampling for Web-DINO: BEiT-style block masks with stratified per-image ratios (RECIPE section 3).
+"""iBOT mask sampling for Web-DINO: BEiT-style block masks with stratified per-image ratios (docs/recipe.md section 3).
 
 References:
     * BEiT (Bao et al., 2022), "BEiT: BERT Pre-Training of Image Transformers": blockwise masking of patch grids

@@ -1,4 +1,4 @@
-"""Sharding and memory techniques, in one place and one order (CONVENTIONS 9).
+"""Sharding and memory techniques, in one place and one order.
 
 Three families of strategy carry the model:
 

@@ -1,4 +1,5 @@
-"""Backbone presets by name: a debug flavour, the classic ViT sizes and the Web-SSL family (RECIPE section 1)."""
+"""Backbone presets by name: a debug flavour, the classic ViT sizes and the Web-SSL family (docs/recipe.md
+section 1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Reference: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (2021); the
 ``ClipLoss`` of mlfoundations/open_clip ``src/open_clip/loss.py`` that MetaCLIP trains with (``local_loss=True``,
-``gather_with_grad=True``). Spec: RECIPE.md section 5.
+``gather_with_grad=True``). Spec: docs/recipe.md section 5.
 
 Shapes: b pairs on this rank, n = sum of every rank's b (the global batch), E embedding width.
 """

@@ -1,7 +1,7 @@
 """DINO CLS-token loss: cross-entropy from teacher targets (Sinkhorn-Knopp or centering) to the student's softmax.
 
 Reference: Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision" (2023);
-facebookresearch/dinov2 ``dinov2/loss/dino_clstoken_loss.py``. Spec: RECIPE.md section 3 ("DINO CLS loss").
+facebookresearch/dinov2 ``dinov2/loss/dino_clstoken_loss.py``. Spec: docs/recipe.md section 3 ("DINO CLS loss").
 
 Shapes: B samples (CLS tokens) on this rank, B_g = B summed over ranks, K prototypes (head output dim).
 All teacher statistics (Sinkhorn-Knopp sums, center) are computed in fp32, without gradients, and reduced exactly over

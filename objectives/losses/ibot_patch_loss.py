@@ -1,7 +1,7 @@
 """iBOT masked-patch loss: cross-entropy from teacher patch targets to the student's masked patch predictions.
 
 Reference: Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer" (2022) and DINOv2;
-facebookresearch/dinov2 ``dinov2/loss/ibot_patch_loss.py``. Spec: RECIPE.md section 3 ("iBOT patch loss").
+facebookresearch/dinov2 ``dinov2/loss/ibot_patch_loss.py``. Spec: docs/recipe.md section 3 ("iBOT patch loss").
 
 Shapes: n_images global-crop images on this rank, N patches per image, M masked tokens on this rank (image-major, in
 ``masks.flatten()`` order), M_g = M summed over ranks, K prototypes (iBOT head output dim).

@@ -1,7 +1,7 @@
 """KoLeo regularizer: spread L2-normalized features by penalizing small nearest-neighbour distances.
 
 Reference: Sablayrolles et al., "Spreading vectors for similarity search" (2019), as used in DINOv2;
-facebookresearch/dinov2 ``dinov2/loss/koleo_loss.py``. Spec: RECIPE.md section 3 ("KoLeo").
+facebookresearch/dinov2 ``dinov2/loss/koleo_loss.py``. Spec: docs/recipe.md section 3 ("KoLeo").
 
 Shapes: n vectors (the per-rank batch of one crop's backbone CLS tokens), D feature dim.
 """
