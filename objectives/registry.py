@@ -6,10 +6,15 @@ A package registers its :class:`~lit_webssl.objectives.base.Objective` subclasse
     simclr = "lit_webssl_simclr:SimCLR"
 
 Once it is installed, ``class_path: simclr`` in YAML and ``--model.objective simclr`` on the command line select it
-(a full import path such as ``lit_webssl_simclr.SimCLR`` works with or without an entry point). jsonargparse only
-resolves import paths and the names of classes already imported, so :func:`resolve_objective_args` rewrites short
-names into import paths before it parses. Nothing is imported to resolve a name except the one objective chosen, so
-a plugin that fails to import breaks only its own runs; ``python -m lit_webssl objectives`` lists it with the reason.
+(a full import path such as ``lit_webssl_simclr.SimCLR`` works with or without an entry point). Nothing is imported
+to resolve a name except the one objective chosen, so a plugin that fails to import breaks only its own runs;
+``python -m lit_webssl objectives`` lists it with the reason.
+
+jsonargparse resolves a ``class_path`` only from an import path or the bare name of a subclass already imported
+(``resolve_class_path_by_name``), and offers no public hook for other names: a custom loader (``set_loader``) sees a
+value without knowing its key, and registering the plugins' classes would import every plugin up front. So
+:func:`resolve_objective_args` rewrites the short names in the arguments before jsonargparse parses them, in memory:
+a config file that needs a change is handed over as its resolved content (JSON text), and no file is written.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ BUILTIN = "built-in"
 """Source of the objectives that lit_webssl itself registers."""
 
 _OBJECTIVE_FLAGS = ("--model.objective", "--model.objective.class_path", "--model.objective.help")
+_MODEL_FLAG = "--model"
 _CONFIG_FLAGS = ("-c", "--config")
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_SUBCOMMANDS = ("fit", "validate")
 _BARE_NAME = re.compile(r"[A-Za-z_][\w-]*")
 
 
@@ -191,55 +197,55 @@ def _resolve_config(cfg: Any) -> Any:
     return out
 
 
-def _read_yaml(value: str) -> tuple[Any, bool]:
-    """``(content, is_file)`` of a value that names a YAML file or holds YAML text; ``(None, False)`` if neither."""
+def _read_yaml(value: str) -> Any:
+    """The content of a value that names a YAML file or holds YAML text; ``None`` if neither."""
     try:
         is_file = Path(value).is_file()
     except (OSError, ValueError):  # e.g. YAML text too long to be a file name
         is_file = False
     try:
-        return yaml.safe_load(Path(value).read_text() if is_file else value), is_file
+        return yaml.safe_load(Path(value).read_text() if is_file else value)
     except (OSError, ValueError, yaml.YAMLError):  # jsonargparse reports unreadable input itself
-        return None, False
+        return None
 
 
-def _rewrite_value(flag: str, value: str, tmp_dir: Path, counter: list[int]) -> str:
-    """One flag's value with the objective's short name resolved; a rewritten file is written into ``tmp_dir``."""
+def _rewrite_value(flag: str, value: str) -> str:
+    """One flag's value with the objective's short name resolved; a file that needs a change becomes its resolved
+    content (JSON text), which jsonargparse reads like the file."""
     is_objective = flag in _OBJECTIVE_FLAGS
     if is_objective and _BARE_NAME.fullmatch(value.strip()):
         return resolve_objective(value)
-    content, is_file = _read_yaml(value)
+    content = _read_yaml(value)
     if not isinstance(content, dict):
         return value
-    resolved = _resolve_spec(content) if is_objective and flag != "--model.objective.help" else _resolve_config(content)
-    if resolved == content:
-        return value
-    if not is_file:
-        return json.dumps(resolved)
-    counter[0] += 1
-    out = tmp_dir / f"{counter[0]}_{Path(value).name}"
-    out.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return str(out)
+    if flag == _MODEL_FLAG:  # the model's own block: ``objective`` at its top
+        resolved = _resolve_config({"model": content})["model"]
+    elif is_objective:
+        resolved = _resolve_spec(content) if flag != "--model.objective.help" else _resolve_config(content)
+    else:
+        resolved = _resolve_config(content)
+    return value if resolved == content else json.dumps(resolved)
 
 
-def resolve_objective_args(argv: list[str], tmp_dir: Path) -> list[str]:
+def resolve_objective_args(argv: list[str]) -> list[str]:
     """Command-line arguments with objective short names replaced by import paths, before jsonargparse parses them.
 
     Covers ``--model.objective NAME`` (also ``.class_path`` and ``.help``, with ``=`` or a separate value, or a
-    YAML/JSON value with ``class_path: NAME``) and ``model.objective`` in files given with ``--config``/``-c``. A
-    config file that needs a change is rewritten into ``tmp_dir`` (which must outlive parsing); others are passed
-    on untouched.
+    YAML/JSON value with ``class_path: NAME``), ``objective`` in a ``--model`` block (file or text) and
+    ``model.objective`` in files given with ``--config``/``-c``. A file that needs a change is replaced by its
+    resolved content (in memory, nothing is written); others are passed on untouched.
     """
-    out, counter, i = [], [0], 0
+    flags = (*_OBJECTIVE_FLAGS, _MODEL_FLAG, *_CONFIG_FLAGS)
+    out, i = [], 0
     while i < len(argv):
         arg = argv[i]
         flag, eq, value = arg.partition("=")
-        if flag not in _OBJECTIVE_FLAGS + _CONFIG_FLAGS or (not eq and i + 1 >= len(argv)):
+        if flag not in flags or (not eq and i + 1 >= len(argv)):
             out.append(arg)
         elif eq:
-            out.append(f"{flag}={_rewrite_value(flag, value, tmp_dir, counter)}")
+            out.append(f"{flag}={_rewrite_value(flag, value)}")
         else:
-            out += [arg, _rewrite_value(flag, argv[i + 1], tmp_dir, counter)]
+            out += [arg, _rewrite_value(flag, argv[i + 1])]
             i += 1
         i += 1
     return out

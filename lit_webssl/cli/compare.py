@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lit_webssl.cli.rundirs import RUNS_DIR, newest_version
 from lit_webssl.errors import ConfigError
 
 COLUMNS = (
@@ -64,11 +65,6 @@ def resolve_blocks(base: Path, names: list[str]) -> dict[str, Path]:
     return blocks
 
 
-def _newest_version(run_root: Path) -> Path | None:
-    versions = [p for p in run_root.glob("version_*") if p.name.removeprefix("version_").isdigit()]
-    return max(versions, key=lambda p: int(p.name.removeprefix("version_")), default=None)
-
-
 def run_one(
     objective: str, base: Path, block: Path, run_name: str, overrides: list[str], runs_dir: Path, quiet: bool
 ) -> Row:
@@ -93,7 +89,7 @@ def run_one(
         print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
     elif not quiet and proc.stderr:
         print(proc.stderr, file=sys.stderr, end="")
-    run_dir = _newest_version(runs_dir / run_name)
+    run_dir = newest_version(runs_dir / run_name)
     row = Row(objective, str(block), str(run_dir) if run_dir else None, proc.returncode, wall)
     metrics_file = run_dir / "metrics.json" if run_dir else None
     if proc.returncode == 0 and metrics_file is not None and metrics_file.is_file():
@@ -166,8 +162,6 @@ def _print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str]) -> int:
     """Parse ``compare`` arguments, train each objective, print and save the table; returns the exit code."""
-    from lit_webssl.cli import RUNS_DIR
-
     parser = argparse.ArgumentParser(
         prog="python -m lit_webssl compare",
         description="Train several objectives on one shared config block and tabulate kNN top-1, wall time, peak "

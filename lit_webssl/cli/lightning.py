@@ -1,30 +1,24 @@
-"""Command line: ``python -m lit_webssl {fit,validate,plan,data,checkpoint,objectives,compare}`` (LightningCLI).
+"""``fit`` and ``validate``: LightningCLI over :class:`LitWebSSL` and any LightningDataModule; ``plan`` parses the same
+config (:mod:`lit_webssl.planner.plan`).
 
-``fit``/``validate``/``test`` are LightningCLI's own subcommands over :class:`LitWebSSL` and any LightningDataModule;
-``plan`` parses the same config and builds the model on the meta device; ``data`` holds the dataset tools;
-``objectives`` lists the objectives registered by short name (built-in and plugins,
-:mod:`lit_webssl.objectives.registry`);
-``checkpoint convert`` makes one fp32 file of a sharded checkpoint (:mod:`lit_webssl.checkpoint`);
-``compare`` trains several objectives on one shared config block and tabulates them (:mod:`lit_webssl.cli.compare`).
+LightningCLI's ``test`` and ``predict`` are not offered (LitWebSSL has no test or predict step), nor its automatic
+``--optimizer``/``--lr_scheduler`` groups, which would replace the model's own parameter groups and schedules
+(``LitWebSSL.configure_optimizers``, ``--model.optim``).
 """
 
 from __future__ import annotations
 
-import re
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_webssl.cli.rundirs import RUNS_DIR, assign_run_dirs
 from lit_webssl.errors import ConfigError
-from lit_webssl.objectives.registry import available_objectives, objectives_main, resolve_objective_args
+from lit_webssl.objectives.registry import available_objectives, resolve_objective_args
 from lit_webssl.training.module import LitWebSSL
 
-RUNS_DIR = "runs"
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields document themselves in --help
 
 _LOGGERS = [
@@ -45,12 +39,23 @@ class WebSSLCLI(LightningCLI):
 
     Every run writes to ``<save_dir>/<name>/version_<n>/`` (TensorBoard, CSV, resolved ``config.yaml``, probe
     metrics); checkpoints go to ``<save_dir>/<name>/checkpoints/`` so ``fit --ckpt_path last`` finds the newest one
-    across versions.
+    across versions (:mod:`lit_webssl.cli.rundirs`). Before ``fit`` and ``validate`` the datamodule is handed the
+    views (and caption transform) of the model's objective.
+
+    Args:
+        plan: Build the model and datamodule only, no trainer (``python -m lit_webssl plan``).
+        kwargs: LightningCLI's; ``auto_configure_optimizers`` defaults to ``False``.
     """
 
     def __init__(self, *args: Any, plan: bool = False, **kwargs: Any) -> None:
         self._plan = plan
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: LightningCLI's own minus ``test`` and ``predict``, with the arguments they skip."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -63,20 +68,24 @@ class WebSSLCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": _LOGGERS, "trainer.callbacks": _CALLBACKS})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Rewrite objective short names (``--model.objective simclr``, ``class_path: simclr`` in a config) into
-        import paths, then parse as LightningCLI does."""
-        if isinstance(args, (dict, Namespace)):  # parsed already: nothing to rewrite
-            return super().parse_arguments(parser, args)
+        """Parse ``args`` (``None``: the command line, ``sys.argv[1:]``) with objective short names
+        (``--model.objective simclr``, ``class_path: simclr`` in a config) resolved into import paths.
+
+        The arguments are parsed here rather than by LightningCLI's own ``parse_arguments``: that one warns whenever
+        it is given ``args`` while ``sys.argv`` holds arguments too, which is how ``python -m lit_webssl`` always
+        calls it (:func:`lit_webssl.cli.main` reads the command line and hands each command its part).
+        """
+        if isinstance(args, (dict, Namespace)):  # parsed already: nothing to resolve
+            self.config = parser.parse_object(args)
+            return
         given = list(sys.argv[1:] if args is None else args)
         if "-h" in given or "--help" in given:
             available_objectives()  # import the plugins so `--help` lists them among the known subclasses
-        with tempfile.TemporaryDirectory(prefix="lit_webssl_config_") as tmp:
-            resolved = resolve_objective_args(given, Path(tmp))
-            super().parse_arguments(parser, args if resolved == given else resolved)
+        self.config = parser.parse_args(resolve_objective_args(given))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        _assign_run_dirs(config.trainer, config.get("run_name"))
+        assign_run_dirs(config.trainer, config.get("run_name"))
 
     def before_fit(self) -> None:
         """Refuse to train a config that continues earlier weights (``model.init_required``: the 378 and 518 px
@@ -95,6 +104,27 @@ class WebSSLCLI(LightningCLI):
                 "give the previous stage's converted checkpoint (python -m lit_webssl checkpoint "
                 "convert CKPT OUT), or --ckpt_path to resume this run"
             )
+        self.hand_over_views()
+
+    def before_validate(self) -> None:
+        self.hand_over_views()
+
+    def hand_over_views(self) -> None:
+        """Give the datamodule the crops the objective declares (``objective.views()``) and, when the objective
+        reads captions (``needs_text``), its caption transform: through the datamodule's ``set_views`` and
+        ``set_text_transform``, where it has them (a user's own LightningDataModule may not), and only where it has
+        none set already."""
+        objective, data = getattr(self.model, "objective", None), self.datamodule
+        if objective is None or data is None:
+            return
+        if callable(getattr(data, "set_views", None)) and getattr(data, "views", None) is None:
+            data.set_views(list(objective.views()))
+        if (
+            getattr(objective, "needs_text", False)
+            and callable(getattr(data, "set_text_transform", None))
+            and getattr(data, "text_transform", None) is None
+        ):
+            data.set_text_transform(objective.text_transform())
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._plan:  # planning needs the model and data settings only
@@ -102,101 +132,24 @@ class WebSSLCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _assign_run_dirs(trainer_cfg: Any, run_name: str | None) -> None:
-    """Name the loggers, give those without a version the same next free ``version_<n>`` and point checkpoints
-    without a ``dirpath`` at ``<save_dir>/<name>/checkpoints``."""
-    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
-    loggers = [lg for lg in loggers if lg not in (None, True, False) and "init_args" in lg]
-    if not loggers:
-        return
-    for lg in loggers:
-        if run_name and "name" in _init_arg_names(lg["class_path"]):
-            lg["init_args"]["name"] = run_name
-    first = loggers[0]["init_args"]
-    root = Path(first.get("save_dir") or RUNS_DIR) / (first.get("name") or "")
-    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = f"version_{max(taken, default=-1) + 1}"
-    for lg in loggers:
-        if lg["init_args"].get("version") is None and "version" in _init_arg_names(lg["class_path"]):
-            lg["init_args"]["version"] = version
-    callbacks = trainer_cfg.callbacks or []
-    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if cb is not None and cb["class_path"].endswith("ModelCheckpoint") and not cb["init_args"].get("dirpath"):
-            cb["init_args"]["dirpath"] = str(root / "checkpoints")
+def build_cli(args: list[str] | None, **kwargs: Any) -> WebSSLCLI:
+    """The project's CLI over ``args`` (``None``: the command line): LitWebSSL, any datamodule, seed 0."""
+    kwargs.setdefault("parser_kwargs", {"prog": "python -m lit_webssl"})
+    return WebSSLCLI(LitWebSSL, subclass_mode_data=True, seed_everything_default=0, args=args, **kwargs)
 
 
-def _init_arg_names(class_path: str) -> set[str]:
-    import importlib
-    import inspect
-
-    module, _, name = class_path.rpartition(".")
-    return set(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
+def fit_main(argv: list[str]) -> None:
+    """``fit [--config FILE ...] [--ckpt_path PATH|last] [--print_config] ...``: train."""
+    build_cli(["fit", *argv])
 
 
-def _cli(args: list[str], **kwargs: Any) -> WebSSLCLI:
-    return WebSSLCLI(
-        LitWebSSL,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        args=args,
-        **kwargs,
-    )
+def validate_main(argv: list[str]) -> None:
+    """``validate --config FILE --ckpt_path PATH ...``: the validation loss of a checkpoint."""
+    build_cli(["validate", *argv])
 
 
 def plan_main(argv: list[str]) -> None:
     """``plan --config FILE [--devices N] [--nodes M] [--device-memory GIB] [--detail]``: per-device memory plan."""
     from lit_webssl.planner.plan import plan_main as run_plan
 
-    run_plan(argv, lambda rest: _cli(rest, run=False, plan=True))
-
-
-DATA_COMMANDS = {
-    "demo": ("lit_webssl.datamodules.demo", "build the demo dataset as MDS shards"),
-    "convert": ("lit_webssl.datamodules.convert", "image folder / webdataset tars / parquet -> MDS (local or remote)"),
-    "filter": ("lit_webssl.datamodules.filter", "score text density and write the kept subset as MDS"),
-}
-
-
-def data_main(argv: list[str]) -> None:
-    """``data {demo,convert,filter} ...``: dataset tools, each a module with a ``main(argv)``."""
-    if not argv or argv[0] in ("-h", "--help"):
-        lines = [f"  {name}: {text}" for name, (_, text) in DATA_COMMANDS.items()]
-        print(f"usage: python -m lit_webssl data {{{','.join(DATA_COMMANDS)}}} [options]\n" + "\n".join(lines))
-        return
-    if argv[0] not in DATA_COMMANDS:
-        raise SystemExit(f"error: unknown data command {argv[0]!r}; choose from: {', '.join(DATA_COMMANDS)}")
-    import importlib
-
-    importlib.import_module(DATA_COMMANDS[argv[0]][0]).main(argv[1:])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m lit_webssl`` and the ``lit-webssl`` script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "plan":
-            return plan_main(argv[1:])
-        if argv and argv[0] == "data":
-            return data_main(argv[1:])
-        if argv and argv[0] == "checkpoint":
-            from lit_webssl.checkpoint import main as checkpoint_main
-
-            return checkpoint_main(argv[1:])
-        if argv and argv[0] == "objectives":
-            return objectives_main(argv[1:])
-        if argv and argv[0] == "compare":
-            from lit_webssl.cli.compare import main as compare_main
-
-            code = compare_main(argv[1:])
-            if code:
-                raise SystemExit(code)
-            return None
-        _cli(argv)
-    except Exception as err:  # bad input: one line, no traceback (jsonargparse wraps errors from constructors)
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, (ConfigError, MisconfigurationException)):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_plan(argv, lambda rest: build_cli(rest, run=False, plan=True))
