@@ -1,16 +1,22 @@
-"""The real CLI: every shipped YAML parses, plan, demo configs fit, resume is exact, bad input is one clear line."""
+"""The real CLI: the command table, every shipped YAML parses, plan, demo configs fit, resume is exact, bad input is
+one clear line."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, fast_overrides, load_weights, run_cli, tiny_demo
+from helpers import CONFIGS, REPO, fast_overrides, load_weights, run_cli, tiny_demo
 
 from lit_webssl.cli import WebSSLCLI, main
+from lit_webssl.cli.commands import COMMANDS, DATA_COMMANDS
 from lit_webssl.training.module import LitWebSSL
 
 COMPARE = CONFIGS / "demo" / "compare"  # blocks: base.yaml + one objective block, composed by repeated --config
@@ -22,6 +28,147 @@ COMPARE_BLOCKS = sorted(p for p in COMPARE.glob("*.yaml") if p.name != "base.yam
 DATA_BLOCKS = sorted(DATA.glob("*.yaml"))
 STRATEGY_BLOCKS = sorted(STRATEGY.glob("*.yaml"))
 DEMO_CONFIGS = sorted((CONFIGS / "demo").glob("*.yaml"))
+
+
+EVERY_COMMAND = ["fit", "validate", "plan", "data", "checkpoint", "objectives", "compare"]
+ARGS_WARNING = "args parameter is intended"  # LightningCLI's warning when given args while sys.argv has some too
+
+
+# -- the command table ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []], ids=["help", "h", "none"])
+def test_top_level_help_lists_every_command_with_its_line(argv, capsys):
+    main(argv)
+    out = capsys.readouterr().out
+    assert list(COMMANDS) == EVERY_COMMAND
+    for name, (_, text) in COMMANDS.items():
+        assert any(line.split() == [name, *text.split()] for line in out.splitlines()), name
+
+
+def test_top_level_help_imports_neither_torch_nor_lightning():
+    code = (
+        "import sys; from lit_webssl.cli import main; main(['--help']); "
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv", [["fitt"], ["test"], ["predict"], ["--config", "x.yaml"]], ids=lambda a: a[0])
+def test_an_unknown_command_is_one_line_naming_it_and_the_choices(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: python -m lit_webssl: unknown command {argv[0]!r}; choose one of: {', '.join(EVERY_COMMAND)}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["plan", "--help"], ["data", "--help"], ["data", "demo", "--help"], ["checkpoint", "--help"]]
+    + [["objectives", "--help"], ["compare", "--help"], ["validate", "--help"]],
+    ids=lambda a: " ".join(a),
+)
+def test_each_command_has_its_own_help(argv, capsys):
+    try:
+        main(argv)
+    except SystemExit as stop:  # argparse and LightningCLI exit after printing their help
+        assert stop.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lit_webssl") or "usage:" in out.splitlines()[0], out[:200]
+    if argv[0] == "data" and len(argv) == 2:
+        assert all(name in out for name in DATA_COMMANDS)
+
+
+def test_unknown_data_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "nope"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: python -m lit_webssl data: unknown command 'nope'; choose one of: demo, convert, filter"
+    ]
+
+
+def test_lightning_offers_fit_and_validate_only(capsys):
+    assert set(WebSSLCLI.subcommands()) == {"fit", "validate"}
+    from lit_webssl.cli import _cli
+
+    with pytest.raises(SystemExit):
+        _cli(["--help"])
+    out = capsys.readouterr().out
+    assert "{fit,validate}" in out and "predict" not in out
+
+
+def _module_imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The lit_webssl modules a module imports at module level (not in functions, not under TYPE_CHECKING)."""
+    found: set[str] = set()
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for stmt in stmts:
+            if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
+                continue
+            if isinstance(stmt, (ast.If, ast.Try)):
+                visit(stmt.body + stmt.orelse + getattr(stmt, "finalbody", []))
+                for handler in getattr(stmt, "handlers", []):
+                    visit(handler.body)
+            elif isinstance(stmt, ast.Import):
+                found.update(alias.name for alias in stmt.names)
+            elif isinstance(stmt, ast.ImportFrom):
+                base = stmt.module or ""
+                if stmt.level:
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    package = ".".join(package.split(".")[: len(package.split(".")) - stmt.level + 1])
+                    base = f"{package}.{base}" if base else package
+                submodules = {f"{base}.{alias.name}" for alias in stmt.names} & known
+                found.update(submodules)
+                if len(submodules) < len(stmt.names):  # other names come from the module itself
+                    found.add(base)
+
+    visit(ast.parse(path.read_text()).body)
+    return (found & known) - {name}
+
+
+def test_no_module_level_import_cycle_in_lit_webssl():
+    roots = {
+        "lit_webssl": REPO / "lit_webssl",
+        "lit_webssl.objectives": REPO / "objectives",
+        "lit_webssl.datamodules": REPO / "datamodules",
+        "lit_webssl.callbacks": REPO / "callbacks",
+    }  # pyproject's package-dir
+    modules = {}
+    for package, root in roots.items():
+        for path in root.rglob("*.py"):
+            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
+            modules[".".join([package, *parts])] = path
+    graph = {name: _module_imports(path, name, set(modules)) for name, path in modules.items()}
+    assert {"lit_webssl.cli", "lit_webssl.cli.compare"} <= set(graph)
+    assert "lit_webssl.cli" not in graph["lit_webssl.cli.compare"]
+    assert "lit_webssl.cli.compare" not in graph["lit_webssl.cli"]
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def walk(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for other in sorted(graph[name]):
+            if state.get(other) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(other) :], other]))
+            elif other not in state:
+                walk(other)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name)
+    assert cycles == []
+
+
+# -- LightningCLI over the project ----------------------------------------------------------------------------------
 
 
 def _parse(*configs: Path) -> WebSSLCLI:
@@ -98,14 +245,34 @@ def test_fit_help_documents_constructor_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lit_webssl [options] fit")
     assert "Backbone preset name" in out
     assert "Unit of ``warmup`` and ``total``" in out
+    # LightningCLI's automatic optimizer groups would replace the model's parameter groups and schedules
+    assert "--optimizer" not in out and "--lr_scheduler" not in out
+    assert "--model.optim.base_lr" in out
+
+
+def test_the_datamodule_gets_the_objectives_views_and_caption_transform():
+    cli = _parse(CONFIGS / "demo" / "clip_tiny.yaml")
+    assert cli.datamodule.views is None and cli.datamodule.text_transform is None
+    cli.hand_over_views()
+    assert cli.datamodule.views == list(cli.model.objective.views())
+    assert cli.datamodule.text_transform is not None  # CLIP reads captions
+    mine = SimpleNamespace()  # a user's own datamodule without set_views: left alone
+    cli.datamodule = mine
+    cli.hand_over_views()
+    assert vars(mine) == {}
 
 
 @pytest.mark.parametrize("config", DEMO_CONFIGS, ids=lambda p: p.name)
-def test_demo_config_fits_three_steps_and_reports_knn(config, tmp_path):
+def test_demo_config_fits_three_steps_and_reports_knn(config, tmp_path, monkeypatch, recwarn, capsys):
     data = tiny_demo(tmp_path)
-    main(["fit", "--config", str(config), *fast_overrides(data, steps=3, run_name="fit3")])
+    # as from the command line: the arguments in sys.argv, main() reads them
+    monkeypatch.setattr(sys, "argv", ["lit-webssl", "fit", "--config", str(config), *fast_overrides(data, 3, "fit3")])
+    main()
+    assert not [w for w in recwarn if ARGS_WARNING in str(w.message)]
+    assert ARGS_WARNING not in capsys.readouterr().err
     run = Path("runs/fit3")
     metrics = json.loads((run / "version_0" / "metrics.json").read_text())
     assert {"knn_top1", "knn_top1_pixel", "knn_top1_random_init"} <= set(metrics)
@@ -196,7 +363,7 @@ def test_a_high_resolution_stage_without_its_start_weights_stops_instead_of_star
     assert "Traceback" not in proc.stderr
 
 
-def test_validate_a_checkpoint_and_print_config(tmp_path, capsys):
+def test_validate_a_checkpoint_and_print_config(tmp_path, capsys, recwarn):
     data = tiny_demo(tmp_path)
     config = str(CONFIGS / "demo" / "mae_tiny.yaml")
     main(["fit", "--config", config, *fast_overrides(data, steps=2, run_name="val")])
@@ -211,6 +378,7 @@ def test_validate_a_checkpoint_and_print_config(tmp_path, capsys):
         ]
     )
     assert "val/loss" in capsys.readouterr().out
+    assert not [w for w in recwarn if ARGS_WARNING in str(w.message)]  # args handed in-process, under pytest's argv
     with pytest.raises(SystemExit):
         main(["fit", "--config", config, "--print_config"])
     assert "class_path: lit_webssl.objectives.MAE" in capsys.readouterr().out
