@@ -14,19 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from streaming import StreamingDataLoader
-from streaming.base.world import World
+from lit_webssl.compat.streaming import SampleCountingLoader, replication, world_ranks
 
 
-class ResumableStreamingLoader(StreamingDataLoader):
+class ResumableStreamingLoader(SampleCountingLoader):
     """``StreamingDataLoader`` whose resume state counts samples, not view names, and rolls a finished epoch over."""
 
-    def _get_batch_size(self, batch: Any) -> int:
+    def samples_in(self, batch: Any) -> int | None:
+        """Samples in a batch: the length of its ``index`` (or ``label``) tensor; ``None`` (Streaming's count) for
+        other batches."""
         if isinstance(batch, dict):
             for key in ("index", "label"):
                 if key in batch:
                     return len(batch[key])
-        return super()._get_batch_size(batch)
+        return None
 
     def state_dict(self) -> dict[str, Any] | None:
         """Streaming's state (``epoch``, ``sample_in_epoch`` over all ranks, shuffle settings); when this rank has no
@@ -38,7 +39,7 @@ class ResumableStreamingLoader(StreamingDataLoader):
         state = super().state_dict()
         if state is None:
             return None
-        ranks = World.detect().num_ranks // (getattr(self.dataset, "replication", None) or 1)
+        ranks = world_ranks() // replication(self.dataset)
         left = len(self.dataset) - state["sample_in_epoch"] // max(ranks, 1)  # samples this rank has not yielded
         smallest = (self.batch_size or 1) if self.drop_last else 1  # the fewest samples that still make a batch
         if left < smallest:

@@ -11,15 +11,13 @@ import re
 import time
 from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
 from helpers import CONFIGS, free_port
-from streaming import MDSWriter
-from streaming.base.local import LocalDataset
+from streaming import LocalDataset, MDSWriter
 
 from lit_webssl.cli import main
 from lit_webssl.datamodules import DataConfigError, MultiViewStreamingDataset, StreamSpec, WebSSLDataModule
@@ -68,15 +66,19 @@ def test_train_epoch_drops_last_and_covers_samples_once(demo_root):
     assert all(len(b["label"]) == 10 for b in batches) and len(seen) == len(set(seen)) == N_TRAIN // 10 * 10
 
 
-def test_views_come_from_the_attached_objective_and_text_needs_captions(demo_root):
-    objective = SimpleNamespace(views=lambda: VIEWS[:1], needs_text=False)
+def test_views_are_handed_over_and_required_text_needs_captions(demo_root):
     dm = WebSSLDataModule(str(demo_root), num_workers=0, pin_memory=False)
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=objective))
     dm.setup("fit")
+    with pytest.raises(DataConfigError, match=r"^--data: no views set; .*set_views\(objective.views\(\)\)$"):
+        dm.train_dataloader()
+    dm.set_views(VIEWS[:1])
     assert dm.views == VIEWS[:1]
-    objective.needs_text = True
-    with pytest.raises(DataConfigError, match="--data.caption_key"):
+    assert WebSSLDataModule(str(demo_root), views=VIEWS[:1]).views == VIEWS[:1]
+    dm.set_text_transform(None, required_by="CLIP")
+    with pytest.raises(DataConfigError, match=f"^--data.caption_key: CLIP needs captions; .* at {demo_root}$"):
         dm.setup("fit")
+    dm.set_text_transform(None)  # optional again
+    dm.setup("fit")
 
 
 def test_the_objectives_text_transform_runs_in_the_workers(demo_root):
@@ -84,7 +86,8 @@ def test_the_objectives_text_transform_runs_in_the_workers(demo_root):
 
     objective = CLIP(crop_size=24, context_length=20)
     dm = WebSSLDataModule(str(demo_root), batch_size=8, num_workers=1, pin_memory=False, caption_key="caption")
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=objective))
+    dm.set_views(objective.views())
+    dm.set_text_transform(objective.text_transform(), required_by="CLIP")
     dm.setup("fit")
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
         assert batch["text"].shape == (8, 20) and batch["text"].dtype == torch.int64
@@ -154,7 +157,7 @@ def test_corrupt_image_is_skipped_counted_and_logged_once(demo_root, tmp_path, c
     images[3] = b"\xff\xd8\xff\xe0 this is not a JPEG"
     _write_mds(tmp_path / "bad" / "train", images, labels=list(range(8)))
     dm = _datamodule(tmp_path / "bad", val_split=None, shuffle=False)
-    with caplog.at_level(logging.WARNING, logger="lit_webssl.datamodules.streaming"):
+    with caplog.at_level(logging.WARNING, logger="lit_webssl.datamodules.datasets"):
         batch = next(iter(dm.train_dataloader()))
         assert batch["corrupt"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
         assert batch["label"].tolist() == [0, 1, 2, 4, 4, 5, 6, 7]  # sample 3 was replaced by sample 4
