@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from s3server import moto_server_fixture, s3_bucket_fixture  # noqa: F401  (pytest fixtures)
-from streaming.base.local import LocalDataset
+from streaming import LocalDataset
 
 from lit_webssl.cli import main as cli_main
 from lit_webssl.datamodules import WebSSLDataModule, decode_image
@@ -230,13 +230,13 @@ def _files(root: Path) -> dict[str, bytes]:
 KILLER = """
 import os, signal, sys
 from lit_webssl.datamodules import convert as cv
-real, calls = cv.prepare_image, [0]
+real, calls = cv.workers.prepare_image, [0]
 def dying(data, min_size=0):
     calls[0] += 1
     if calls[0] == int(os.environ["KILL_AT"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(data, min_size)
-cv.prepare_image = dying
+cv.workers.prepare_image = dying
 cv.main(sys.argv[1:])
 """
 
@@ -285,7 +285,7 @@ def test_resume_after_a_kill_gives_the_same_dataset(tmp_path):
 def test_interrupt_between_chunks_is_resumable(tmp_path, monkeypatch, capsys):
     _folder(tmp_path / "in")
     args = ["--from", "folder", "--in", str(tmp_path / "in"), "--chunk-size", "2", "--out", str(tmp_path / "out")]
-    real, calls = cv.convert_chunk, []
+    real, calls = cv.workers.convert_chunk, []
 
     def interrupted(*a):
         calls.append(a[0].index)
@@ -293,11 +293,11 @@ def test_interrupt_between_chunks_is_resumable(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(cv, "convert_chunk", interrupted)
+    monkeypatch.setattr(cv.workers, "convert_chunk", interrupted)  # where the chunks are converted
     with pytest.raises(SystemExit) as exit_info:
         _convert(*args)
     assert exit_info.value.code == 1 and "2 of 5 chunks complete" in capsys.readouterr().err
-    monkeypatch.setattr(cv, "convert_chunk", real)
+    monkeypatch.setattr(cv.workers, "convert_chunk", real)
     assert _convert(*args, "--resume").samples == 6
 
 
