@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_webssl.callbacks.metrics_file import run_log_dir, update_metrics_file
-from lit_webssl.distributed import strategy_family
+from lit_webssl.distributed import adapter_for
 from lit_webssl.errors import ConfigError
 from lit_webssl.eval.knn import knn_top1
 from lit_webssl.objectives.base import normalize_uint8
@@ -168,5 +168,5 @@ class KNNProbe(L.Callback):
 
 
 def _sharded(trainer: L.Trainer) -> bool:
-    """Sharded strategies (FSDP2, ZeRO-3) gather weights with collectives: every rank runs the probe's forwards."""
-    return strategy_family(trainer.strategy) != "replicated"
+    """Sharded strategies gather weights with collectives: every rank runs the probe's forwards."""
+    return adapter_for(trainer.strategy).sharded

@@ -16,25 +16,17 @@ the stored position embeddings to the run's grid (:class:`lit_webssl.training.mo
 
 from __future__ import annotations
 
-import gc
 import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from lit_webssl.distributed import (
-    init_adam_state,
-    is_sharded,
-    local_shard,
-    partition_of,
-    strategy_family,
-    whole_fp32,
-)
+from lit_webssl.compat.lightning import counted_epoch, invalidate_val_loader, open_ended_epoch, rebuild_train_loader
+from lit_webssl.distributed import adapter_for
 from lit_webssl.errors import ConfigError
 from lit_webssl.models.presets import PRESETS
 from lit_webssl.models.vit import VisionTransformer
@@ -169,7 +161,7 @@ class ProgressiveResolution(L.Callback):
         objective = getattr(pl_module, "objective", None)
         if objective is None or not callable(getattr(objective, "set_resolution", None)):
             raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
-        sharded = _fixed_shape_strategy(trainer.strategy)
+        sharded = adapter_for(trainer.strategy).stages_refused()
         if sharded and len(self.stages) > 1:
             raise ConfigError(
                 f"{FLAG}.stages: {sharded} lays out its buffers for the shapes the model was built with, so the "
@@ -211,11 +203,11 @@ class ProgressiveResolution(L.Callback):
             self._stage = target
             self._enter(trainer, pl_module, target, rebuild=True)
         elif self._changed_in_epoch:  # resumed in the epoch where the batch changed: count it as the original run
-            _open_ended_epoch(trainer)
+            open_ended_epoch(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._changed_in_epoch = False
-        _counted_epoch(trainer)
+        counted_epoch(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -272,7 +264,7 @@ class ProgressiveResolution(L.Callback):
             overrides["img_size"] = st.global_crop_size
         if rebuild:
             rebuild_train_loader(trainer)
-            _invalidate_val_loader(trainer)
+            invalidate_val_loader(trainer)
             self._changed_in_epoch = True
         local = f", local crops {st.local_crop_size} px" if st.local_crop_size else ""
         rank_zero_info(
@@ -295,30 +287,14 @@ def _patch_size(pl_module: L.LightningModule) -> int:
     return int(config.get("patch_size", default))
 
 
-def _fixed_shape_strategy(strategy: Any) -> str | None:
-    """The name of ``strategy`` when a parameter cannot change shape in the middle of a run, else ``None``:
-    DeepSpeed ZeRO-1/2 (Adam moments, and gradients, in flat buffers laid out when the engine is built) and FSDP1
-    (flat parameters). FSDP2 is not one (``LitWebSSL`` keeps the position tables out of its sharding:
-    :func:`lit_webssl.distributed.apply_fsdp2`'s ``replicate``), nor ZeRO-3 (:func:`_regrid_zero3`)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    if isinstance(strategy, DeepSpeedStrategy) and strategy_family(strategy) == "deepspeed":
-        return None  # ZeRO-3: the engine is built again around the new tables (_regrid_zero3)
-    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
-        return type(strategy).__name__
-    return None
-
-
 def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -> list[str]:
     """Resample every ViT's ``pos_embed`` under ``pl_module`` to ``grid x grid`` and update what holds the old ones.
 
-    The optimizers get the new parameters in place of the old ones and drop the old ones' state (Adam moments and
-    step count: the new table starts fresh, bias-corrected, moments). A DDP wrapper is rebuilt around the module (its
-    reducer was laid out for the old shapes). Under FSDP2 the tables are replicated plain tensors (out of the
-    sharding), so the same swap applies; the new table gets its zero Adam state at once, as every parameter there
-    has (:func:`lit_webssl.distributed.init_adam_state`), so a checkpoint saved before its first step loads. Under
-    DeepSpeed ZeRO-3 the engine is built again (:func:`_regrid_zero3`). Raises a :class:`ConfigError` when a table
-    is sharded otherwise.
+    The strategy's adapter does it (:meth:`lit_webssl.distributed.StrategyAdapter.resample_grids`): the optimizers
+    get the new parameters in place of the old ones and drop the old ones' state (Adam moments and step count: the
+    new table starts fresh, bias-corrected, moments), wrappers laid out for the old shapes are built again, and a
+    strategy that shards the tables otherwise refuses with a :class:`ConfigError`. What each strategy does:
+    ``docs/resolution.md``.
 
     Returns:
         Names of the ViTs that changed.
@@ -326,216 +302,6 @@ def resample_module_grids(trainer: L.Trainer, pl_module: nn.Module, grid: int) -
     vits = {
         name: m for name, m in pl_module.named_modules() if isinstance(m, VisionTransformer) and m.grid_size != grid
     }
-    if not vits:
-        return []
-    if trainer is not None and strategy_family(trainer.strategy) == "deepspeed":
-        _regrid_zero3(trainer, pl_module, vits, grid)
-        return list(vits)
-    if any(is_sharded(m.pos_embed) for m in vits.values()):
-        raise ConfigError(
-            f"{FLAG}: changing the position grid in the middle of a run needs whole position tables, but this "
-            f"strategy ({type(trainer.strategy).__name__}) shards them (LitWebSSL keeps them out of FSDP2's "
-            "sharding); launch each stage from the previous stage's weights (--model.init_from, "
-            "configs/webdino/vit_7b_378.yaml) instead (docs/resolution.md)"
-        )
-    swaps: dict[int, nn.Parameter] = {}
-    for vit in vits.values():
-        old = vit.pos_embed
-        vit.resample_pos_embed(grid)
-        swaps[id(old)] = vit.pos_embed
-    for optimizer in _optimizers(trainer):
-        for group in optimizer.param_groups:
-            params = []
-            for param in group["params"]:
-                if id(param) in swaps:
-                    optimizer.state.pop(param, None)  # Adam moments and step of the old table
-                    param = swaps[id(param)]
-                params.append(param)
-            group["params"] = params
-        if strategy_family(trainer.strategy if trainer is not None else None) == "fsdp2":
-            init_adam_state(optimizer)
-    _rewrap_ddp(trainer)
+    if vits:
+        adapter_for(trainer.strategy if trainer is not None else None).resample_grids(trainer, pl_module, vits, grid)
     return list(vits)
-
-
-def _regrid_zero3(trainer: L.Trainer, pl_module: nn.Module, vits: dict[str, VisionTransformer], grid: int) -> None:
-    """The resample under DeepSpeed ZeRO-3, whose engine lays out flat fp32 partitions, gradients and Adam moments
-    for the shapes it was built with: build the engine again around the new tables.
-
-    Every rank, in step (collectives): gather each table whole in fp32 (the optimizer's fp32 masters; the EMA
-    teacher's from its fp32 masters under bf16) and resample it; keep each other trainable parameter's local fp32
-    partition and Adam moments and the step count; destroy the engine (its hooks go); give the ViTs the new tables;
-    build a new optimizer over the same groups (``LitWebSSL.rebuild_optimizer``) and a new engine around the module
-    (Lightning's own ``_setup_model_and_optimizer``); put the kept partitions, moments and steps back by name and the
-    new tables' exact fp32 values into their masters. The tables sit in optimizer groups of their own (each a ZeRO-3
-    sub-group with its own step count), so they start fresh moments as under DDP and FSDP2.
-    """
-    from deepspeed.utils import (
-        safe_get_local_fp32_param,
-        safe_get_local_optimizer_state,
-        safe_set_local_fp32_param,
-        safe_set_local_optimizer_state,
-    )
-
-    strategy = trainer.strategy
-    engine, zero = strategy.model, strategy.model.optimizer
-    objective = getattr(pl_module, "objective", None)
-    ema = objective.fp32_masters() if objective is not None else None
-    masters = getattr(ema, "masters", {}) if ema is not None else {}
-    tables: dict[str, tuple[torch.Tensor, bool]] = {}
-    for name, vit in vits.items():
-        key = f"{name}.pos_embed"
-        local = masters.get(key.removeprefix("objective."))  # the teacher's fp32 master partition (bf16 runs)
-        tables[key] = (vit.table_at(whole_fp32(vit.pos_embed, local), grid, grid), vit.pos_embed.requires_grad)
-    state_keys = sorted({k for st in zero.optimizer.state.values() for k in st if k != "step"})
-    steps = [st["step"] for st in zero.optimizer.state.values() if "step" in st]
-    kept = {
-        name: (
-            safe_get_local_fp32_param(p).clone(),
-            {k: safe_get_local_optimizer_state(p, k).clone() for k in state_keys},
-        )
-        for name, p in pl_module.named_parameters()
-        if p.requires_grad and name not in tables
-    }
-    counters = {
-        k: getattr(engine, k)
-        for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-        if hasattr(engine, k)
-    }
-
-    engine.destroy()
-    strategy.model = pl_module
-    del engine, zero
-    gc.collect()
-    swaps = {}
-    for name, vit in vits.items():
-        old = vit.pos_embed
-        table, requires_grad = tables[f"{name}.pos_embed"]
-        vit.set_pos_embed(table.to(device=local_shard(old).device, dtype=old.dtype), requires_grad=requires_grad)
-        swaps[id(old)] = vit.pos_embed
-    optimizer = pl_module.rebuild_optimizer(swaps)
-    engine, zero = strategy._setup_model_and_optimizer(pl_module, optimizer)
-    strategy.model, strategy.optimizers = engine, [zero]
-    for key, value in counters.items():
-        setattr(engine, key, value)
-
-    fresh = {id(p) for p in swaps.values()}
-    for flat, members in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups, strict=True):
-        new = [id(p) in fresh for p in members]
-        if any(new) and not all(new):
-            raise RuntimeError(
-                "ZeRO-3 resolution stage: a position table shares an optimizer group with other "
-                "parameters; LitWebSSL.configure_optimizers gives the tables groups of their own"
-            )
-        if steps and not any(new):  # a new table's sub-group starts fresh
-            step = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]  # DeepSpeedCPUAdam: an int
-            zero.optimizer.state[flat] = {"step": step, **{k: torch.zeros_like(flat) for k in state_keys}}
-    params = dict(pl_module.named_parameters())
-    for name, (fp32, moments) in kept.items():
-        safe_set_local_fp32_param(params[name], fp32)
-        for key, value in moments.items():
-            safe_set_local_optimizer_state(params[name], value, key)
-    for key, (table, requires_grad) in tables.items():
-        if requires_grad:
-            safe_set_local_fp32_param(params[key], partition_of(params[key], table))
-    if objective is not None:  # the teacher's fp32 masters of its new tables (bf16 runs)
-        objective.load_fp32_weights(
-            {k.removeprefix("objective."): t for k, (t, _) in tables.items() if k.startswith("objective.")}
-        )
-
-
-def _optimizers(trainer: L.Trainer | None) -> list[torch.optim.Optimizer]:
-    if trainer is None:
-        return []
-    try:
-        return list(trainer.optimizers)
-    except (AttributeError, RuntimeError):
-        return []
-
-
-def _rewrap_ddp(trainer: L.Trainer | None) -> None:
-    """Rebuild the DDP wrapper (its gradient buckets are sized for the old parameter shapes)."""
-    if trainer is None:
-        return
-    from torch.nn.parallel import DistributedDataParallel
-
-    strategy = trainer.strategy
-    old = getattr(strategy, "model", None)
-    if not isinstance(old, DistributedDataParallel) or not callable(getattr(strategy, "configure_ddp", None)):
-        return
-    reducer = getattr(old, "reducer", None)
-    if reducer is not None and callable(getattr(reducer, "_remove_autograd_hooks", None)):
-        reducer._remove_autograd_hooks()  # the old reducer must not see the next backward
-    strategy.model = strategy.lightning_module
-    del old, reducer
-    gc.collect()
-    strategy.configure_ddp()
-
-
-# -- loaders -------------------------------------------------------------------------------------------------------
-def rebuild_train_loader(trainer: L.Trainer) -> None:
-    """Replace the running training loader by a fresh ``train_dataloader()`` that resumes the data stream where the
-    old one stopped (its ``state_dict()``), in the middle of the epoch.
-
-    The loop's data fetcher is re-pointed in place, so the running epoch continues with the new batches. The epoch
-    then ends when the new loader runs out (its length no longer counts the batches already done at another batch
-    size), so ``is_last_batch`` is not known in advance for the rest of that epoch.
-    """
-    from lightning.fabric.utilities.data import sized_len
-    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches, _process_dataloader
-    from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-    from lightning.pytorch.utilities.combined_loader import CombinedLoader
-
-    fit_loop = trainer.fit_loop
-    old = fit_loop._combined_loader
-    fetcher = fit_loop._data_fetcher
-    if old is None or fetcher is None:
-        return
-    states = old._state_dicts()
-    fetcher.teardown()  # shuts the old loader's workers down
-    loader = trainer.datamodule.train_dataloader()
-    if states and callable(getattr(loader, "load_state_dict", None)):
-        loader.load_state_dict(states[0])
-    loader = _process_dataloader(trainer, TrainerFn.FITTING, RunningStage.TRAINING, loader)
-    combined = CombinedLoader(loader, "max_size_cycle")
-    length = sized_len(loader)
-    combined.limits = [
-        _parse_num_batches(
-            RunningStage.TRAINING, float("inf") if length is None else length, trainer.limit_train_batches
-        )
-    ]
-    fit_loop._combined_loader = combined
-    fetcher.setup(combined)
-    iter(fetcher)
-    fetcher.fetched = fit_loop.epoch_loop.batch_progress.current.ready
-    _open_ended_epoch(trainer)
-
-
-def _open_ended_epoch(trainer: L.Trainer) -> None:
-    """Let the current epoch run until the loader is exhausted (no precomputed batch count)."""
-    trainer.fit_loop.max_batches = float("inf")
-    fetcher = trainer.fit_loop._data_fetcher
-    if fetcher is not None:
-        fetcher.length = float("inf")
-        fetcher.done = False
-
-
-def _counted_epoch(trainer: L.Trainer) -> None:
-    """Undo :func:`_open_ended_epoch` at the start of the next epoch: the loader's length counts batches again."""
-    from lightning.fabric.utilities.data import sized_len
-    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
-    from lightning.pytorch.trainer.states import RunningStage
-
-    combined = trainer.fit_loop._combined_loader
-    if trainer.fit_loop.max_batches != float("inf") or combined is None:
-        return
-    length = sized_len(combined.flattened[0])
-    if length is not None:
-        trainer.fit_loop.max_batches = _parse_num_batches(RunningStage.TRAINING, length, trainer.limit_train_batches)
-
-
-def _invalidate_val_loader(trainer: L.Trainer) -> None:
-    val_loop = trainer.fit_loop.epoch_loop.val_loop
-    if val_loop._combined_loader is not None:
-        val_loop._combined_loader.reset()
-        val_loop._combined_loader = None

@@ -4,10 +4,14 @@ An objective is an ``nn.Module`` that
 
 * declares the views it needs from the data pipeline (:meth:`Objective.views`), as :class:`ViewSpec` entries;
 * owns its heads, teacher and loss modules (they are sub-modules, so they are checkpointed and sharded with it);
-* computes the total loss from one batch and the shared backbone (:meth:`Objective.forward`) and returns an
-  :class:`ObjectiveOutput`: the loss plus a flat dict of named metrics;
-* may act after each optimizer step (:meth:`Objective.on_after_optimizer_step`, e.g. an EMA teacher update) and
-  may shape the optimizer's parameter groups (:meth:`Objective.param_groups`).
+* computes the total loss from one batch, the shared backbone and the step's :class:`StepContext` (step, rank)
+  (:meth:`Objective.forward`) and returns an :class:`ObjectiveOutput`: the loss plus a flat dict of named metrics;
+* may act after each optimizer step (:meth:`Objective.on_after_optimizer_step`, e.g. an EMA teacher update through
+  :class:`lit_webssl.distributed.EMATeacher`) and may shape the optimizer's parameter groups
+  (:meth:`Objective.param_groups`).
+
+It runs unchanged under every strategy: it initializes its heads through :mod:`lit_webssl.models.init` and clips
+through its context (:attr:`StepContext.clip_grad_norm_`), and never asks which strategy is in use.
 
 Batch layout handed to :meth:`Objective.forward` (built by ``lit_webssl.datamodules``, normalized on the device by
 ``LitWebSSL``):
@@ -23,8 +27,9 @@ Batch layout handed to :meth:`Objective.forward` (built by ``lit_webssl.datamodu
 from __future__ import annotations
 
 import abc
+import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -32,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lit_webssl.distributed import ShardedEMA, full_shape
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.init import whole_shape
 
 if TYPE_CHECKING:
     from lit_webssl.models.vit import VisionTransformer
@@ -89,6 +94,26 @@ class ViewSpec:
                 raise ConfigError(f"view {self.name!r}: {prob} must be in [0, 1], got {value}")
 
 
+def _clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor | None:
+    return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the trainer tells an objective about the step at hand: an explicit argument of :meth:`Objective.forward`
+    and of the optimizer-step hooks, never state set on the objective from outside."""
+
+    step: int = 0
+    """Optimizer steps done so far (in the after-step hook: including the one just taken)."""
+    rank: int = 0
+    """Global rank of this process."""
+    world_size: int = 1
+    """Number of processes."""
+    clip_grad_norm_: Callable[[Iterable[Tensor], float], Tensor | None] = _clip_grad_norm_
+    """Clip gradients to a total L2 norm, as the strategy in use must (whole tensors, shards or both); returns
+    ``None`` where the strategy clips by itself and ignores the call."""
+
+
 @dataclass
 class ObjectiveOutput:
     """What :meth:`Objective.forward` returns: the total loss and a flat dict of named metrics.
@@ -114,10 +139,6 @@ class Objective(nn.Module, abc.ABC):
     """Per-channel std used to normalize uint8 views on the device."""
     needs_text: bool = False
     """True when batches must carry captions (``batch["caption"]``)."""
-    current_step: int = 0
-    """Optimizer steps done so far; set by ``LitWebSSL`` before every forward."""
-    rank: int = 0
-    """Global rank of this process; set by ``LitWebSSL``."""
     global_batch: int = 1
     """Images per optimizer step over all ranks; set by ``LitWebSSL`` (:meth:`bind_schedule`) before training."""
     total_steps: int = 0
@@ -125,22 +146,18 @@ class Objective(nn.Module, abc.ABC):
     schedule_unit: str = "steps"
     """Unit of the objective's own schedule lengths (``steps`` or ``samples``), the one of ``--model.optim.unit``."""
 
-    backbone_factory: Callable[[], VisionTransformer] | None = None
-    """Builds a fresh backbone of the run's preset; set by ``LitWebSSL`` before :meth:`configure`. Objectives that
-    keep a copy of the backbone (an EMA teacher) pass it to :func:`lit_webssl.distributed.copy_module`, which needs it
-    where a deep copy is impossible (ZeRO-3 partitions)."""
-
     def configure(self, backbone: VisionTransformer) -> None:  # noqa: B027 - optional hook
         """Build backbone-dependent modules (heads, decoder, teacher). Called once by ``LitWebSSL``.
 
-        Under ZeRO-3 this runs inside ``deepspeed.zero.Init``: a submodule's parameters are partitioned as soon as
-        its ``__init__`` returns, so initialize children through :func:`lit_webssl.distributed.init_module_tree`.
-        Under FSDP2 it runs on the meta device and :meth:`init_weights` follows once the shards exist.
+        Under a strategy that partitions parameters as they are built, a submodule's parameters are split across
+        ranks as soon as its ``__init__`` returns: initialize children through :func:`lit_webssl.models.init.init_tree`
+        (and :func:`~lit_webssl.models.init.whole`). Under one that builds on the meta device, it runs there and
+        :meth:`init_weights` follows once the shards exist.
         """
 
     def init_weights(self, backbone: VisionTransformer) -> None:
-        """Initialize this objective's parameters in place after a meta-device build materialized on its shards
-        (FSDP2), and make copies (an EMA teacher) equal their sources. The default calls ``reset_parameters()`` on
+        """Initialize this objective's parameters in place after a meta-device build materialized on its shards,
+        and make copies (an EMA teacher) equal their sources. The default calls ``reset_parameters()`` on
         every submodule that has one (PyTorch's default init); override it when the objective initializes otherwise.
         """
         for module in self.modules():
@@ -152,8 +169,18 @@ class Objective(nn.Module, abc.ABC):
         """The crops this objective needs from every training sample."""
 
     @abc.abstractmethod
-    def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
-        """Compute the total loss and named metrics of one batch."""
+    def forward(
+        self, batch: dict[str, Any], backbone: VisionTransformer, context: StepContext | None = None
+    ) -> ObjectiveOutput:
+        """Compute the total loss and named metrics of one batch (``context``: the step and rank; ``None`` in a
+        plain call, read as step 0 on rank 0)."""
+
+    def compute(self, batch: dict[str, Any], backbone: VisionTransformer, context: StepContext) -> ObjectiveOutput:
+        """How the trainer calls :meth:`forward`: with ``context`` where ``forward`` takes one (the built-in
+        objectives do), without it for an objective written as ``forward(batch, backbone)``."""
+        if _takes_context(type(self)):
+            return self(batch, backbone, context)
+        return self(batch, backbone)
 
     def text_transform(self) -> Callable[[str], Tensor] | None:
         """A picklable per-sample ``caption -> tensor`` transform (a tokenizer) that the data loaders apply in their
@@ -177,31 +204,23 @@ class Objective(nn.Module, abc.ABC):
         """A schedule length given in :attr:`schedule_unit` (steps or samples seen), in optimizer steps."""
         return int(value) if self.schedule_unit == "steps" else math.ceil(value / self.global_batch)
 
-    def step_generator(self, device: torch.device | str, seed: int) -> torch.Generator:
-        """A generator seeded from ``(seed, current_step, rank)``: random draws that a resumed run repeats exactly."""
-        mixed = (seed * 1_000_003 + self.current_step) * 65_537 + self.rank
+    @staticmethod
+    def step_generator(device: torch.device | str, seed: int, context: StepContext | None) -> torch.Generator:
+        """A generator seeded from ``(seed, step, rank)``: random draws that a resumed run repeats exactly."""
+        context = context or StepContext()
+        mixed = (seed * 1_000_003 + context.step) * 65_537 + context.rank
         return torch.Generator(device=device).manual_seed(mixed % (2**63))
 
     def eval_backbone(self, backbone: VisionTransformer) -> nn.Module:
         """The backbone whose frozen features probes should evaluate (the EMA teacher's, for DINO)."""
         return backbone
 
-    def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:  # noqa: B027
-        """Called after every optimizer step with the number of steps done (e.g. EMA teacher update)."""
+    def on_after_optimizer_step(self, backbone: VisionTransformer, context: StepContext) -> None:  # noqa: B027
+        """Called after every optimizer step; ``context.step`` counts it (e.g. an EMA teacher update)."""
 
-    def on_before_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:  # noqa: B027
-        """Called after backward and before the optimizer step (e.g. per-module gradient clipping)."""
-
-    def fp32_masters(self) -> ShardedEMA | None:
-        """The :class:`~lit_webssl.distributed.ShardedEMA` holding fp32 masters of this objective's low-precision
-        copies (an EMA teacher under DeepSpeed bf16), which ``LitWebSSL`` saves with every rank's checkpoint and
-        restores on resume; ``None``: the objective keeps no such state."""
-        return None
-
-    def load_fp32_weights(self, state: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
-        """Called with the whole fp32 weights of ``--model.init_from`` (keys relative to this objective) when the
-        strategy stores the parameters in lower precision and so rounded them on load (DeepSpeed bf16): an objective
-        with :meth:`fp32_masters` sets them from these exact values."""
+    def on_before_optimizer_step(self, backbone: VisionTransformer, context: StepContext) -> None:  # noqa: B027
+        """Called after backward and before the optimizer step (e.g. per-module gradient clipping through
+        ``context.clip_grad_norm_``)."""
 
     def param_groups(self, backbone: VisionTransformer, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups for the backbone and this objective's trainable modules.
@@ -223,10 +242,17 @@ class Objective(nn.Module, abc.ABC):
         return named + [(f"objective.{n}", p) for n, p in self.trainable_named_parameters()]
 
 
+@lru_cache(maxsize=64)
+def _takes_context(cls: type) -> bool:
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # after self
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 def is_no_decay(name: str, param: Tensor) -> bool:
     """True for parameters that take no weight decay: biases, norms, LayerScale gammas, tokens, 1-D tensors."""
     leaf = name.rsplit(".", 1)[-1]
-    shape = full_shape(param)  # a ZeRO-3 partition is a 1-D placeholder
+    shape = whole_shape(param)  # a partitioned parameter's own shape is a 1-D placeholder
     return (
         len(shape) <= 1
         or name.endswith(".bias")

@@ -23,10 +23,10 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
-from lit_webssl.distributed import full_shape, gathered, is_partitioned, reset_parameters_tree
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.init import built_partitioned, reset_tree, whole, whole_shape
 from lit_webssl.models.vit import check_img_size
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, StepContext, ViewSpec
 from lit_webssl.objectives.losses import CLIPLoss
 
 if TYPE_CHECKING:
@@ -152,20 +152,20 @@ class CLIP(Objective):
                 pool_type="argmax",
                 **self.text_cfg,
             )
-            # shape (1,), not open_clip's 0-d: FSDP2 cannot shard a scalar, and DeepSpeed cannot broadcast one
+            # shape (1,), not open_clip's 0-d: sharded strategies can neither shard nor broadcast a 0-d tensor
             self.logit_scale = nn.Parameter(torch.full((1,), self.init_logit_scale))
         if self.image_proj.weight.is_meta:
             return
-        if any(is_partitioned(p) for p in self.text.parameters()):  # ZeRO-3: open_clip's init ran on placeholders
-            with gathered(self.text, recurse=True):
+        if built_partitioned(self.text):  # open_clip's init ran on placeholders
+            with whole(self.text, recurse=True):
                 self.text.init_parameters()
-        with gathered(self.image_proj):
+        with whole(self.image_proj):
             nn.init.normal_(self.image_proj.weight, std=backbone.embed_dim**-0.5)  # open_clip's visual ``proj``
 
     def init_weights(self, backbone: VisionTransformer) -> None:
-        """After a meta-device (FSDP2) build: constructor inits, open_clip's text-tower init, the causal mask (a
+        """After a meta-device build: constructor inits, open_clip's text-tower init, the causal mask (a
         non-persistent buffer, so never in a checkpoint), the image projection and the logit scale."""
-        reset_parameters_tree(self.text)
+        reset_tree(self.text)
         self.text.init_parameters()
         self.text.attn_mask = self.text.build_causal_mask().to(self.text.positional_embedding.device)
         nn.init.normal_(self.image_proj.weight, std=backbone.embed_dim**-0.5)
@@ -194,7 +194,9 @@ class CLIP(Objective):
         """Token ids ``(B, L)`` -> unnormalized embeddings ``(B, E)``."""
         return self.text(tokens)
 
-    def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
+    def forward(
+        self, batch: dict[str, Any], backbone: VisionTransformer, context: StepContext | None = None
+    ) -> ObjectiveOutput:
         images = batch["views"]["image"][:, 0]  # B 3 H W
         tokens = batch.get("text")
         if tokens is None:  # loaders without the text transform: tokenize here
@@ -210,7 +212,7 @@ class CLIP(Objective):
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
-    def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
+    def on_after_optimizer_step(self, backbone: VisionTransformer, context: StepContext) -> None:
         """MetaCLIP: clamp the log scale to ``[0, ln(max_logit_scale)]`` after every step."""
         self.logit_scale.clamp_(0.0, self.max_log_scale)
 
@@ -223,7 +225,7 @@ class CLIP(Objective):
         """
         decay, no_decay = [], []
         for name, param in self.optimized_named_parameters(backbone):
-            vector = sum(size > 1 for size in full_shape(param)) < 2
+            vector = sum(size > 1 for size in whole_shape(param)) < 2
             (no_decay if vector or name.endswith("logit_scale") else decay).append(param)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0, "wd_mult": 1.0, "name": "decay"},

@@ -11,7 +11,6 @@ local crop with both. Crops are stacked crop-major: rows ``[crop 0 of every imag
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -20,19 +19,11 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from lit_webssl.distributed import (
-    ShardedEMA,
-    clip_grad_norm_,
-    copy_local_shards,
-    copy_module,
-    gathered,
-    init_module_tree,
-    is_partitioned,
-    param_pairs,
-)
+from lit_webssl.distributed import EMATeacher
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.init import init_tree, whole
 from lit_webssl.models.vit import check_img_size
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec, is_no_decay
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, StepContext, ViewSpec, is_no_decay
 from lit_webssl.objectives.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from lit_webssl.objectives.masking import sample_ibot_masks
 from lit_webssl.training.optim import cosine_schedule
@@ -88,6 +79,15 @@ class DINOHead(nn.Module):
         self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
     ) -> None:
         super().__init__()
+        self.init_kwargs = {
+            "in_dim": in_dim,
+            "out_dim": out_dim,
+            "hidden_dim": hidden_dim,
+            "bottleneck_dim": bottleneck_dim,
+            "nlayers": nlayers,
+        }
+        """The constructor's arguments: a twin is ``DINOHead(**init_kwargs)`` (the EMA teacher's copy of a head
+        whose parameters are partitioned across ranks)."""
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
@@ -96,13 +96,13 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         if not next(self.mlp.parameters()).is_meta:
-            init_module_tree(self.mlp, _trunc_normal_linear)
+            init_tree(self.mlp, _trunc_normal_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def init_weights(self) -> None:
         """Re-initialize (after a meta-device build): trunc-normal MLP, fresh weight-normed prototypes."""
-        init_module_tree(self.mlp, _trunc_normal_linear)
-        with gathered(self.last_layer):
+        init_tree(self.mlp, _trunc_normal_linear)
+        with whole(self.last_layer):
             self.last_layer.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -285,8 +285,7 @@ class DINOv2(Objective):
         self.koleo_loss = KoLeoLoss()
         self.dino_head: DINOHead | None = None
         self.ibot_head: DINOHead | None = None
-        self.teacher: nn.ModuleDict | None = None
-        self.ema = ShardedEMA()  # fp32 masters of a teacher stored in bf16 (DeepSpeed), rank-local
+        self.teacher: EMATeacher | None = None
 
     # -- building -----------------------------------------------------------------------------------------------
     def configure(self, backbone: VisionTransformer) -> None:
@@ -297,37 +296,15 @@ class DINOv2(Objective):
         with torch.device(device):
             self.dino_head = DINOHead(backbone.embed_dim, **self.head_cfg)
             self.ibot_head = DINOHead(backbone.embed_dim, **self.ibot_cfg) if self.ibot_separate_head else None
-        heads = {"dino_head": (self.dino_head, self.head_cfg)}
-        if self.ibot_head is not None:
-            heads["ibot_head"] = (self.ibot_head, self.ibot_cfg)
-        with torch.device(device):  # a ZeRO-3 partitioned module is rebuilt fresh (deepcopy would lose its shards)
-            teacher = {"backbone": copy_module(backbone, self.backbone_factory)}
-            for name, (head, cfg) in heads.items():
-                teacher[name] = copy_module(head, lambda cfg=cfg: DINOHead(backbone.embed_dim, **cfg))
-        self.teacher = nn.ModuleDict(teacher)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        if any(is_partitioned(p) for p in backbone.parameters()):
-            self.sync_teacher(backbone)
+        with torch.device(device):
+            self.teacher = EMATeacher(self.student_modules(backbone))
 
     def init_weights(self, backbone: VisionTransformer) -> None:
-        """Initialize the heads on their shards after a meta-device (FSDP2) build, and copy the student into the
-        teacher."""
+        """Initialize the heads on their shards after a meta-device build, and copy the student into the teacher."""
         self.dino_head.init_weights()
         if self.ibot_head is not None:
             self.ibot_head.init_weights()
-        self.sync_teacher(backbone)
-
-    def sync_teacher(self, backbone: VisionTransformer) -> None:
-        """Teacher <- student, exactly, on each rank's local shards."""
-        for name, student in self.student_modules(backbone).items():
-            copy_local_shards(param_pairs(self.teacher[name], student))
-
-    def train(self, mode: bool = True) -> DINOv2:
-        """Switch the student heads' mode; the teacher always stays in eval mode (no drop path)."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        self.teacher.sync(self.student_modules(backbone))
         return self
 
     def views(self) -> list[ViewSpec]:
@@ -377,13 +354,15 @@ class DINOv2(Objective):
         return cosine_schedule(step, self.momentum_teacher, self.final_momentum_teacher, self.total_steps)
 
     # -- loss ---------------------------------------------------------------------------------------------------
-    def _masks(self, batch: dict[str, Any], n_images: int, grid: int, device: torch.device) -> Tensor | None:
+    def _masks(
+        self, batch: dict[str, Any], n_images: int, grid: int, device: torch.device, context: StepContext
+    ) -> Tensor | None:
         """iBOT masks ``(G*B, N)``: ``batch["ibot_masks"]`` when given (tests, custom pipelines), else drawn."""
         if self.weights["ibot"] == 0 or self.mask_probability == 0:
             return None
         if "ibot_masks" in batch:
             return batch["ibot_masks"].to(device=device, dtype=torch.bool).flatten(1)
-        rng = np.random.default_rng([self.seed, self.current_step, self.rank, 0x1B07])
+        rng = np.random.default_rng([self.seed, context.step, context.rank, 0x1B07])
         masks = sample_ibot_masks(n_images, (grid, grid), self.mask_probability, self.mask_ratio_range, rng=rng)
         return masks.to(device, non_blocking=True)
 
@@ -396,13 +375,16 @@ class DINOv2(Objective):
             loss.update_center(logits)
         return probs
 
-    def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
+    def forward(
+        self, batch: dict[str, Any], backbone: VisionTransformer, context: StepContext | None = None
+    ) -> ObjectiveOutput:
+        context = context or StepContext()
         views = batch["views"]
         b = views["global1"].shape[0]
         global_crops = torch.cat([views["global1"][:, 0], views["global2"][:, 0]])  # G*B 3 H W
         grid = global_crops.shape[-1] // backbone.patch_size
-        masks = self._masks(batch, 2 * b, grid, global_crops.device)  # G*B N, or None
-        temp = self.teacher_temp_at(self.current_step)
+        masks = self._masks(batch, 2 * b, grid, global_crops.device, context)  # G*B N, or None
+        temp = self.teacher_temp_at(context.step)
         ibot_head = self.ibot_head if self.ibot_separate_head else self.dino_head
 
         with torch.no_grad():
@@ -443,7 +425,7 @@ class DINOv2(Objective):
             metrics["stats/masked_fraction"] = masks.float().mean()
             total = total + self.weights["ibot"] * ibot
         metrics["stats/teacher_temp"] = total.new_tensor(temp)
-        metrics["stats/momentum"] = total.new_tensor(self.momentum_at(self.current_step))
+        metrics["stats/momentum"] = total.new_tensor(self.momentum_at(context.step))
         return ObjectiveOutput(loss=total, metrics=metrics)
 
     # -- teacher and optimizer ----------------------------------------------------------------------------------
@@ -454,35 +436,24 @@ class DINOv2(Objective):
             modules["ibot_head"] = self.ibot_head
         return modules
 
-    @torch.no_grad()
     def update_teacher(self, backbone: VisionTransformer, momentum: float) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` over backbone and heads, accumulated in fp32 so that an
-        update below bf16 resolution still lands: in the teacher itself where it is stored in fp32 (DDP, FSDP2), in
-        rank-local fp32 masters of its partitions where DeepSpeed stores it in bf16, from the student's fp32 values.
+        update below bf16 resolution still lands, on whatever each rank holds
+        (:class:`lit_webssl.distributed.EMATeacher`)."""
+        self.teacher.follow(self.student_modules(backbone), momentum)
 
-        Works on whatever each rank holds locally (full tensors under DDP, DTensor shards under FSDP2, ZeRO-3
-        partitions) and never reads an empty placeholder (:class:`lit_webssl.distributed.ShardedEMA`).
-        """
-        for name, student in self.student_modules(backbone).items():
-            self.ema.update(self.teacher[name], student, momentum, prefix=f"teacher.{name}.")
+    def on_after_optimizer_step(self, backbone: VisionTransformer, context: StepContext) -> None:
+        self.update_teacher(backbone, self.momentum_at(context.step - 1))
 
-    def fp32_masters(self) -> ShardedEMA:
-        return self.ema
-
-    def load_fp32_weights(self, state: Mapping[str, Tensor]) -> None:
-        for name, teacher in self.teacher.items():
-            self.ema.load_whole(teacher, state, prefix=f"teacher.{name}.")
-
-    def on_after_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
-        self.update_teacher(backbone, self.momentum_at(step - 1))
-
-    def on_before_optimizer_step(self, backbone: VisionTransformer, step: int) -> None:
-        if not self.clip_grad or any(is_partitioned(p) for p in backbone.parameters(recurse=False)):
-            return  # ZeRO-3 keeps gradients in its own partitioned buffers: DeepSpeed's global clip applies instead
+    def on_before_optimizer_step(self, backbone: VisionTransformer, context: StepContext) -> None:
+        """DINOv2's clip of each student part's gradient norm (where the strategy clips by itself, its global clip
+        applies instead: the context's clip returns ``None``)."""
+        if not self.clip_grad:
+            return
         for module in self.student_modules(backbone).values():
             params = [p for p in module.parameters() if p.grad is not None]
-            if params:
-                clip_grad_norm_(params, self.clip_grad)  # FSDP2: shards and replicated position tables
+            if params and context.clip_grad_norm_(params, self.clip_grad) is None:
+                return
 
     def eval_backbone(self, backbone: VisionTransformer) -> nn.Module:
         return self.teacher["backbone"]

@@ -13,10 +13,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from lit_webssl.distributed import init_module_tree
 from lit_webssl.errors import ConfigError
+from lit_webssl.models.init import init_tree
 from lit_webssl.models.vit import sincos_pos_embed
-from lit_webssl.objectives.base import Objective, ObjectiveOutput, ViewSpec
+from lit_webssl.objectives.base import Objective, ObjectiveOutput, StepContext, ViewSpec
 from lit_webssl.objectives.losses import MAELoss, patchify
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class MAEDecoder(nn.Module):
     def init_weights(self) -> None:
         """The MAE reference's init: mask token ~ N(0, 0.02), xavier-uniform linears, zero biases, unit norms."""
         nn.init.normal_(self.mask_token, std=0.02)
-        init_module_tree(self, _xavier)
+        init_tree(self, _xavier)
 
     def forward(self, latent: Tensor, ids_restore: Tensor, grid: tuple[int, int]) -> Tensor:
         """``latent`` ``(B, 1 + K, D)`` normed encoder tokens -> predictions ``(B, N, P)``."""
@@ -165,11 +165,13 @@ class MAE(Objective):
             raise ConfigError(f"{type(self).__name__} has no local crops; leave the stage's local_crop_size unset")
         self.crop_size = global_size
 
-    def forward(self, batch: dict[str, Any], backbone: VisionTransformer) -> ObjectiveOutput:
+    def forward(
+        self, batch: dict[str, Any], backbone: VisionTransformer, context: StepContext | None = None
+    ) -> ObjectiveOutput:
         images = batch["views"]["image"][:, 0]  # B 3 H W
         b, _, h, w = images.shape
         grid = (h // backbone.patch_size, w // backbone.patch_size)
-        gen = self.step_generator(images.device, self.seed)
+        gen = self.step_generator(images.device, self.seed, context)
         keep_idx, mask, ids_restore = random_masking(b, grid[0] * grid[1], self.mask_ratio, gen, images.device)
         out = backbone(images, keep_idx=keep_idx)
         latent = torch.cat([out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]], dim=1)

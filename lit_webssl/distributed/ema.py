@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_webssl.compat.torch import foreach_lerp_
 from lit_webssl.distributed.tensors import (
+    copy_local_shards,
+    copy_module,
     fp32_source,
     full_shape,
     is_dtensor,
@@ -35,11 +38,10 @@ def _persistent_whole(param: Tensor) -> bool:
 
 
 def _refresh_persistent(params: list[Tensor]) -> None:
-    """Rebuild the whole copies of persistent ZeRO-3 parameters from their (updated) partitions (a collective:
-    every rank calls it with the same parameters), as DeepSpeed does for the ones its optimizer steps."""
     if params:
-        params[0].partition(param_list=params)
-        params[0].all_gather(param_list=params)
+        from lit_webssl.compat.deepspeed import refresh_persistent
+
+        refresh_persistent(params)
 
 
 class ShardedEMA:
@@ -119,7 +121,7 @@ class ShardedEMA:
             # the teacher's partitions and masters) live on the host
             sources.append(_fp32_on(src, local.device))
         if accumulators:
-            torch._foreach_lerp_(accumulators, sources, 1.0 - momentum)
+            foreach_lerp_(accumulators, sources, 1.0 - momentum)
         for local, master in rounded:
             local.copy_(master)
         _refresh_persistent(persistent)
@@ -190,3 +192,93 @@ def assemble_masters(states: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
         flat = torch.cat([by_rank[r]["masters"][name].reshape(-1) for r in range(world)])
         whole[name] = flat[: math.prod(shape)].view(shape).float()
     return whole
+
+
+class EMATeacher(nn.ModuleDict):
+    """Frozen copies of student modules that follow them as an exponential moving average (DINO's teacher).
+
+    The one call an objective makes: build it from the student's parts (``EMATeacher({"backbone": backbone,
+    "dino_head": head})``), register it as a sub-module, then :meth:`follow` after every optimizer step. It works
+    unchanged under every strategy: the copies are built alike (a deep copy, or under ZeRO-3 a twin built from the
+    module's ``init_kwargs``; :func:`~lit_webssl.distributed.tensors.copy_module`), never trained, always in eval
+    mode, and moved on each rank's local shards in fp32 (:class:`ShardedEMA`, whose rank-local fp32 masters of a
+    teacher stored below fp32 the trainer saves with every checkpoint: :func:`save_masters`).
+
+    Args:
+        students: The modules to follow, by name (the copies take the same names: ``teacher.backbone.*``).
+    """
+
+    def __init__(self, students: Mapping[str, nn.Module]) -> None:
+        super().__init__({name: copy_module(module) for name, module in students.items()})
+        self.requires_grad_(False)
+        self.eval()
+        self.ema = ShardedEMA()
+        if any(is_partitioned(p) for p in self.parameters()):  # a twin, built afresh: give it the student's weights
+            self.sync(students)
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Always eval mode (no drop path, no dropout), whatever the parent asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def sync(self, students: Mapping[str, nn.Module]) -> None:
+        """Teacher <- student, exactly, on each rank's local shards (after an init on the shards)."""
+        for name, student in students.items():
+            copy_local_shards(param_pairs(self[name], student))
+
+    @torch.no_grad()
+    def follow(self, students: Mapping[str, nn.Module], momentum: float) -> None:
+        """``teacher <- m * teacher + (1 - m) * student`` over every part, accumulated in fp32 (the EMA step)."""
+        for name, student in students.items():
+            self.ema.update(self[name], student, momentum, prefix=f"{name}.")
+
+    @property
+    def masters(self) -> dict[str, Tensor]:
+        """The rank-local fp32 masters of the copies stored below fp32, keyed by parameter name (``backbone.x``)."""
+        return self.ema.masters
+
+    def load_whole(self, state: Mapping[str, Tensor]) -> None:
+        """Set the fp32 masters from whole fp32 tensors keyed like this module's parameters (the values a bf16 copy
+        rounded when it was loaded)."""
+        for name, module in self.items():
+            self.ema.load_whole(module, state, prefix=f"{name}.")
+
+
+def ema_teachers(root: nn.Module) -> list[tuple[str, EMATeacher]]:
+    """Every :class:`EMATeacher` under ``root``, with its name prefix (``objective.teacher.``)."""
+    return [(f"{name}." if name else "", m) for name, m in root.named_modules() if isinstance(m, EMATeacher)]
+
+
+def save_masters(root: nn.Module) -> dict[str, Any]:
+    """The rank-local fp32 masters of every EMA teacher under ``root`` as one :meth:`ShardedEMA.state_dict` (keys
+    relative to ``root``); empty when no teacher needs masters."""
+    out: dict[str, Any] = {}
+    for prefix, teacher in ema_teachers(root):
+        state = teacher.ema.state_dict(prefix=prefix)
+        if state and out:
+            out["shapes"].update(state["shapes"])
+            out["masters"].update(state["masters"])
+        elif state:
+            out = state
+    return out
+
+
+def load_masters(root: nn.Module, state: Mapping[str, Any]) -> None:
+    """Restore what :func:`save_masters` saved (an empty ``state`` drops the masters: they start again from the
+    restored teachers)."""
+    for prefix, teacher in ema_teachers(root):
+        teacher.ema.load_state_dict(state, prefix=prefix)
+
+
+def load_whole_masters(root: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Set every EMA teacher's fp32 masters from whole fp32 tensors keyed relative to ``root``."""
+    for prefix, teacher in ema_teachers(root):
+        teacher.load_whole({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def master_of(root: nn.Module, name: str) -> Tensor | None:
+    """The rank-local fp32 master of parameter ``name`` (relative to ``root``) of an EMA teacher, if it has one."""
+    for prefix, teacher in ema_teachers(root):
+        if name.startswith(prefix):
+            return teacher.masters.get(name[len(prefix) :])
+    return None

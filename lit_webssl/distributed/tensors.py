@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_webssl.compat.torch import persistent_buffers
 from lit_webssl.errors import ConfigError
 
 Family = Literal["replicated", "fsdp2", "deepspeed"]
@@ -70,21 +71,15 @@ def gathered(module: nn.Module, recurse: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def outside_zero_init() -> Iterator[None]:
-    """Suspend ``deepspeed.zero.Init``'s patches of tensor constructors for the block (a no-op outside one).
-
-    Under ``zero.Init`` every new floating tensor is cast to the run's dtype, ``torch.Tensor.__new__`` included; so
-    ``torch.load`` of an fp32 file inside it (``--model.init_from`` in ``configure_model``) would reinterpret fp32
-    bytes as bf16 and read garbage. Module construction is not partitioned inside the block either: build nothing.
-    """
-    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    if zero is None or getattr(zero, "top_level_context", None) is None:
+    """Step outside ``deepspeed.zero.Init`` for the block (read a file as stored, build nothing partitioned); a
+    no-op when DeepSpeed is not in use (:func:`lit_webssl.compat.deepspeed.outside_zero_init`)."""
+    if "deepspeed.runtime.zero.partition_parameters" not in sys.modules:
         yield
         return
-    zero.shutdown_init_context()
-    try:
+    from lit_webssl.compat.deepspeed import outside_zero_init as outside
+
+    with outside():
         yield
-    finally:
-        zero.restore_init_context()
 
 
 def init_module_tree(root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
@@ -114,18 +109,21 @@ def reset_parameters_tree(root: nn.Module) -> None:
                 reset()
 
 
-def copy_module(module: nn.Module, factory: Callable[[], nn.Module] | None) -> nn.Module:
+def copy_module(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with equal weights, built without materializing it whole.
 
-    ``copy.deepcopy`` where the parameters are whole, sharded DTensors or meta tensors; a fresh ``factory()`` twin
-    for ZeRO-3 partitioned modules, whose weights the caller then copies with :func:`copy_local_shards` (deepcopy
-    would copy the empty placeholders and lose the partitions).
+    ``copy.deepcopy`` where the parameters are whole, sharded DTensors or meta tensors. A ZeRO-3 partitioned module
+    cannot be deep-copied (its parameters are empty placeholders): it is built again from its constructor arguments,
+    ``type(module)(**module.init_kwargs)`` (inside ``zero.Init``, so partitioned as it is built), and the caller
+    copies the weights with :func:`copy_local_shards`. Modules that may be copied so keep their constructor
+    arguments in ``init_kwargs`` (:class:`~lit_webssl.models.vit.VisionTransformer`, DINOv2's heads).
     """
     if not any(is_partitioned(p) for p in module.parameters()):
         return copy.deepcopy(module)
-    if factory is None:
-        raise RuntimeError(f"cannot copy the ZeRO-3 partitioned {type(module).__name__} without a factory")
-    return factory()
+    kwargs = getattr(module, "init_kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise RuntimeError(f"cannot copy the partitioned {type(module).__name__}: it keeps no init_kwargs")
+    return type(module)(**kwargs)
 
 
 def param_pairs(target: nn.Module, source: nn.Module, named: bool = False) -> list[tuple[Any, ...]]:
@@ -172,13 +170,19 @@ def fp32_source(param: Tensor) -> Tensor:
     """This rank's part of ``param`` at full precision: DeepSpeed's fp32 master partition for a trainable ZeRO-3
     parameter (under bf16 the module holds bf16 copies; the optimizer updates the fp32 masters), else
     :func:`local_shard`. Always aligned with :func:`local_shard`."""
-    if is_partitioned(param) and param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+    if is_partitioned(param) and param.requires_grad and _has_fp32_master(param):
         from deepspeed.utils import safe_get_local_fp32_param
 
         master = safe_get_local_fp32_param(param)
         if master is not None:
             return master.view(param.ds_tensor.shape)
     return local_shard(param)
+
+
+def _has_fp32_master(param: Tensor) -> bool:
+    from lit_webssl.compat.deepspeed import has_fp32_master
+
+    return has_fp32_master(param)
 
 
 def partition_of(param: Tensor, whole: Tensor) -> Tensor:
@@ -239,14 +243,7 @@ def load_full_state_dict(
             ``strict``) lacks some of ``module``'s.
     """
     own = dict(module.named_parameters())
-    own.update(
-        {
-            f"{prefix}.{name}" if prefix else name: buf
-            for prefix, sub in module.named_modules()
-            for name, buf in sub.named_buffers(recurse=False)
-            if name not in sub._non_persistent_buffers_set
-        }
-    )
+    own.update(persistent_buffers(module))
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if unexpected or (strict and missing):

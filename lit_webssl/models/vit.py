@@ -109,7 +109,11 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         device: torch.device | str | None = None,
     ) -> None:
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "device", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
+        """The constructor's arguments (``device`` aside): a twin of this backbone is ``VisionTransformer(
+        **init_kwargs)`` (how an EMA teacher copies a backbone whose parameters are partitioned across ranks)."""
         check_img_size(img_size, patch_size, flag="--model.backbone_overrides.img_size")
         if embed_dim % num_heads:
             raise ConfigError(

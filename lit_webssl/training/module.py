@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +11,19 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_webssl.checkpoint import read_state_dict, stored_grid
+from lit_webssl.checkpoint import read_state_dict
 from lit_webssl.distributed import (
     FP32_MASTERS,
-    apply_fsdp2,
-    average_replicated_grads,
-    broadcast_replicated,
-    clip_grad_norm_,
-    fsdp2_mesh,
-    init_adam_state,
-    isolate_params,
+    StrategyAdapter,
+    adapter_for,
     load_full_state_dict,
-    local_shard,
-    outside_zero_init,
-    partition_of,
-    strategy_family,
+    load_masters,
+    save_masters,
 )
 from lit_webssl.errors import ConfigError
 from lit_webssl.models.presets import PRESETS, build_backbone
 from lit_webssl.models.vit import VisionTransformer, fit_pos_embed_grids, match_pos_embed_grids
-from lit_webssl.objectives.base import Objective, normalize_uint8
+from lit_webssl.objectives.base import Objective, StepContext, normalize_uint8
 from lit_webssl.training.optim import OptimConfig, StepSchedule
 
 log = logging.getLogger(__name__)
@@ -109,71 +101,26 @@ class LitWebSSL(L.LightningModule):
         return build_backbone(self.backbone_name, self.backbone_overrides, device=device)
 
     def configure_model(self) -> None:
-        """Build backbone and objective for the strategy in use (:mod:`lit_webssl.distributed`).
+        """Build backbone and objective for the strategy in use (its adapter, :mod:`lit_webssl.distributed`).
 
-        Replicated strategies build them whole. Under ZeRO-3 Lightning calls this inside ``deepspeed.zero.Init``, so
-        every submodule is partitioned as it is built. Under FSDP2 they are built on the meta device, sharded per
-        block, then materialized and initialized on each rank's shards. No strategy holds the whole model on a rank.
+        Replicated strategies build them whole; sharded ones build them directly on their shards (partitioned as
+        they are built, or on the meta device and then materialized per rank). No strategy holds the whole model on
+        a rank.
         """
         if self.backbone is not None:
             return
-        self.objective.backbone_factory = partial(build_backbone, self.backbone_name, self.backbone_overrides)
-        if self._family != "replicated":
-            self._build_at_resumed_grid()
-        if self._family != "fsdp2":
-            self.backbone = self.build_backbone()
-            self.objective.configure(self.backbone)
-            self._load_init_weights()
-            return
-        with torch.device("meta"):
-            self.backbone = self.build_backbone()
-            self.objective.configure(self.backbone)
-        compute = torch.bfloat16 if "bf16" in str(self.trainer.precision) else None
-        backbones = [self.backbone, *(m for m in self.objective.modules() if isinstance(m, VisionTransformer))]
-        blocks = [block for bb in backbones for block in bb.blocks]
-        # The position tables stay whole on every rank, out of the sharding, so a resolution stage can change
-        # their shape in the middle of the run (callbacks/resolution.py); they are 0.1% of a ViT-7B at 518 px.
-        apply_fsdp2(
-            blocks,
-            [*backbones, self.objective],
-            fsdp2_mesh(self.device_mesh),
-            param_dtype=compute,
-            replicate=[bb.pos_embed for bb in backbones],
-        )
-        self.to_empty(device=self.trainer.strategy.root_device)
-        self.backbone.init_weights(materialize=True)
-        self.objective.init_weights(self.backbone)
-        self._load_init_weights()
-        broadcast_replicated(self)
+        self.adapter.build(self)
 
-    def _build_at_resumed_grid(self) -> None:
-        """Resuming under a sharded strategy: build the backbone at the native size of the position grid the
-        checkpoint stores (it may be a later resolution stage's), so its tensors load into the same shapes."""
-        path = self.resume_from or getattr(self._trainer, "ckpt_path", None)
-        if not path:
-            return
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        if str(path) in ("last", "hpc", "best", "registry"):  # resolved exactly as fit will resolve it
-            path = self.trainer._checkpoint_connector._parse_ckpt_path(
-                TrainerFn.FITTING, str(path), model_provided=True, model_connected=True
-            )
-        with outside_zero_init():  # nothing partitioned, files read as stored
-            probe = self.build_backbone(device="meta")  # shapes only
-            grid = stored_grid(path, num_prefix_tokens=probe.num_prefix_tokens) if path else None
-        if grid is not None and grid != probe.grid_size:
-            self.backbone_overrides["img_size"] = grid * probe.patch_size
-
-    def _load_init_weights(self) -> None:
+    def load_init_weights(self) -> None:
         """Load ``init_from`` into the built model (memory-mapped: ranks on a node share the pages)."""
         if self.init_from is None:
             return
-        with outside_zero_init():  # read fp32 as fp32 under ZeRO-3 in bf16
+        with self.adapter.reading_files():
             state = read_state_dict(self.init_from)
             resampled = fit_pos_embed_grids(self, state)
             missing = load_full_state_dict(self, state, strict=False, source=f"--model.init_from {self.init_from}")
-        if self._family == "deepspeed":
-            self._init_state = state  # for on_fit_start, once the optimizer's fp32 masters exist (memory-mapped)
+        if self.adapter.keeps_init_state():
+            self._init_state = state  # for on_fit_start, once the optimizer exists (memory-mapped)
         if resampled:
             log.info("init_from %s: position embeddings resampled to this run's grid: %s", self.init_from, resampled)
         if missing:
@@ -185,9 +132,24 @@ class LitWebSSL(L.LightningModule):
             )
 
     @property
-    def _family(self) -> str:
-        """The strategy family in use (:func:`lit_webssl.distributed.strategy_family`; ``replicated`` unattached)."""
-        return strategy_family(getattr(self._trainer, "strategy", None))
+    def adapter(self) -> StrategyAdapter:
+        """The adapter of the strategy in use (:func:`lit_webssl.distributed.adapter_for`; replicated when the module
+        is not attached to a trainer): everything that differs between strategies is asked of it."""
+        strategy = getattr(self._trainer, "strategy", None)
+        cached = self.__dict__.get("_adapter")
+        if cached is None or cached.strategy is not strategy:
+            cached = self.__dict__["_adapter"] = adapter_for(strategy)
+        return cached
+
+    def step_context(self, step: int | None = None) -> StepContext:
+        """What the objective is told about the step it computes (``step``: optimizer steps done; default now)."""
+        trainer = self._trainer
+        return StepContext(
+            step=self.global_step if step is None else step,
+            rank=self.global_rank,
+            world_size=trainer.world_size if trainer is not None else 1,
+            clip_grad_norm_=self.adapter.clip_grad_norm_,
+        )
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all ranks (per-device batch x world size x accumulation)."""
@@ -202,8 +164,7 @@ class LitWebSSL(L.LightningModule):
         self.schedule = StepSchedule(self.optim, global_batch, max(self.trainer.max_steps, 0))
         self.objective.bind_schedule(global_batch, self.schedule.total, self.optim.unit)
         groups = self.objective.param_groups(self.backbone, self.optim.weight_decay)
-        if self._family != "replicated":
-            groups = isolate_params(groups, self.position_tables())  # groups of their own: resolution stages
+        groups = self.adapter.param_groups(groups, self.position_tables())
         self._optimizer_groups = [{**g, "params": list(g["params"])} for g in groups]  # the optimizer owns `groups`
         return self._make_optimizer(groups)
 
@@ -223,54 +184,28 @@ class LitWebSSL(L.LightningModule):
         return self._make_optimizer([{**g, "params": list(g["params"])} for g in self._optimizer_groups])
 
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        if _offloads_optimizer(getattr(self._trainer, "strategy", None)):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the host
-
-            return DeepSpeedCPUAdam(
-                groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, adamw_mode=True
-            )
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.schedule.peak_lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused or None
-        )
-        if self._family == "fsdp2":
-            init_adam_state(optimizer)
-        return optimizer
+        return self.adapter.make_optimizer(groups, self.schedule.peak_lr, self.optim.betas, self.optim.eps, fused)
 
     def on_fit_start(self) -> None:
-        """Under DeepSpeed in bf16 the module stores bf16 copies, so ``init_from``'s fp32 values were rounded when
-        loaded in :meth:`configure_model`; now that the optimizer exists, give its fp32 masters (and the objective's,
-        e.g. the EMA teacher's) the file's exact values. A resumed run restores its checkpoint over these."""
-        state, self._init_state = self._init_state, None  # what configure_model read and resampled (DeepSpeed only)
-        rounded = [(n, p) for n, p in self.named_parameters() if local_shard(p).dtype != torch.float32]
-        if state is None or not rounded:
-            return
-        from deepspeed.utils import safe_set_local_fp32_param
-
-        for name, param in rounded:
-            if param.requires_grad and name in state:
-                safe_set_local_fp32_param(param, partition_of(param, state[name].float()))
-        self.objective.load_fp32_weights(
-            {k[len("objective.") :]: v for k, v in state.items() if k.startswith("objective.")}
-        )
+        """Hand the strategy what it needs once the optimizer exists (the ``init_from`` weights it rounded)."""
+        state, self._init_state = self._init_state, None
+        self.adapter.on_fit_start(self, state)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add the objective's rank-local fp32 masters (every rank's checkpoint file under DeepSpeed)."""
-        masters = self.objective.fp32_masters()
-        state = masters.state_dict(prefix="objective.") if masters is not None else {}
+        """Add the EMA teachers' rank-local fp32 masters (every rank's checkpoint file where the strategy shards)."""
+        state = save_masters(self)
         if state:
             checkpoint[FP32_MASTERS] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before Lightning loads the weights, give every ViT the position-embedding grid the checkpoint stores (a
         checkpoint taken in a high-resolution stage carries 27 x 27 positions at 378 px, 37 x 37 at 518 px); restore
-        the objective's fp32 masters (each rank its own)."""
+        the EMA teachers' fp32 masters (each rank its own)."""
         state = checkpoint.get("state_dict")
         if state:
             match_pos_embed_grids(self, state)
-        masters = self.objective.fp32_masters()
-        if masters is not None:
-            masters.load_state_dict(checkpoint.get(FP32_MASTERS, {}), prefix="objective.")
+        load_masters(self, checkpoint.get(FP32_MASTERS, {}))
 
     # -- steps ------------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -299,9 +234,7 @@ class LitWebSSL(L.LightningModule):
             self.log("train/wd", wd, on_step=True, on_epoch=False)
 
     def _shared_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
-        self.objective.current_step = self.global_step
-        self.objective.rank = self.global_rank
-        out = self.objective(batch, self.backbone)
+        out = self.objective.compute(batch, self.backbone, self.step_context())
         batch_size = len(batch["label"]) if "label" in batch else None
         on_step = prefix == "train"
         self.log(
@@ -337,9 +270,8 @@ class LitWebSSL(L.LightningModule):
         return self._shared_step(batch, "val")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._family == "fsdp2":
-            average_replicated_grads(self)  # the position tables, which FSDP2 leaves unreduced
-        self.objective.on_before_optimizer_step(self.backbone, self.global_step)
+        self.adapter.before_optimizer_step(self)
+        self.objective.on_before_optimizer_step(self.backbone, self.step_context())
 
     def clip_gradients(
         self,
@@ -347,30 +279,19 @@ class LitWebSSL(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's clipping (``--trainer.gradient_clip_val``); by norm under FSDP2 through
-        :func:`lit_webssl.distributed.clip_grad_norm_`, since the gradients there mix ``DTensor`` shards with the
-        replicated position tables, which torch's own function refuses."""
+        """Lightning's clipping (``--trainer.gradient_clip_val``); by norm through the strategy's adapter where
+        Lightning's own cannot (gradients that mix shards with replicated position tables)."""
         trainer = self._trainer
         value = gradient_clip_val if gradient_clip_val is not None else getattr(trainer, "gradient_clip_val", None)
         algorithm = gradient_clip_algorithm or getattr(trainer, "gradient_clip_algorithm", None) or "norm"
-        if value and algorithm.lower() == "norm" and self._family == "fsdp2":
-            clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], float(value))
+        if value and algorithm.lower() == "norm" and self.adapter.clip_gradients(optimizer, float(value)):
             return
         super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.objective.on_after_optimizer_step(self.backbone, self.global_step + 1)
+        self.objective.on_after_optimizer_step(self.backbone, self.step_context(self.global_step + 1))
 
     def eval_backbone(self) -> nn.Module:
         """The backbone probes should read (the objective decides: the EMA teacher's for DINO)."""
         return self.objective.eval_backbone(self.backbone)
-
-
-def _offloads_optimizer(strategy: Any) -> bool:
-    """DeepSpeed with the optimizer offloaded to the host (ZeRO-Offload needs DeepSpeed's CPU Adam)."""
-    config = getattr(strategy, "config", None)
-    if strategy_family(strategy) != "deepspeed" or not isinstance(config, dict):
-        return False
-    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device") in ("cpu", "nvme")

@@ -97,7 +97,7 @@ class Zero3BoundaryProbe(L.Callback):
     def _capture(pl_module: L.LightningModule) -> dict[str, Any]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        from lit_webssl.distributed import whole_fp32
+        from lit_webssl.distributed import master_of, whole_fp32
 
         def moment(param: torch.Tensor, key: str) -> torch.Tensor | None:
             try:
@@ -114,9 +114,8 @@ class Zero3BoundaryProbe(L.Callback):
             for name, p in pl_module.named_parameters()
             if p.requires_grad
         }
-        masters = getattr(pl_module.objective.fp32_masters(), "masters", {})  # the teacher's, under bf16
-        tables = {
-            name: whole_fp32(p, masters.get(name.removeprefix("objective.")))
+        tables = {  # the teacher's from its fp32 masters, under bf16
+            name: whole_fp32(p, master_of(pl_module, name))
             for name, p in pl_module.named_parameters()
             if name.endswith("pos_embed")
         }

@@ -27,7 +27,7 @@ from lit_webssl.datamodules import DataConfigError, WebSSLDataModule
 from lit_webssl.datamodules.demo import render
 from lit_webssl.errors import ConfigError
 from lit_webssl.models.presets import build_backbone
-from lit_webssl.objectives import CLIP
+from lit_webssl.objectives import CLIP, StepContext
 from lit_webssl.objectives import clip as clip_module
 from lit_webssl.objectives.losses import CLIPLoss
 from lit_webssl.training.module import LitWebSSL
@@ -175,15 +175,15 @@ def test_logit_scale_starts_at_one_over_007_and_is_clamped_after_every_step():
     assert objective.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         objective.logit_scale.fill_(5.0)
-    objective.on_after_optimizer_step(backbone, 1)
+    objective.on_after_optimizer_step(backbone, StepContext(step=1))
     assert objective.logit_scale.item() == pytest.approx(math.log(100.0))
     with torch.no_grad():
         objective.logit_scale.fill_(-0.5)
-    objective.on_after_optimizer_step(backbone, 2)
+    objective.on_after_optimizer_step(backbone, StepContext(step=2))
     assert objective.logit_scale.item() == 0.0
     with torch.no_grad():
         objective.logit_scale.fill_(3.0)
-    objective.on_after_optimizer_step(backbone, 3)
+    objective.on_after_optimizer_step(backbone, StepContext(step=3))
     assert objective.logit_scale.item() == 3.0
 
 

@@ -14,7 +14,7 @@ from helpers import free_port
 
 from lit_webssl.errors import ConfigError
 from lit_webssl.models.presets import build_backbone
-from lit_webssl.objectives import DINOv2
+from lit_webssl.objectives import DINOv2, StepContext
 from lit_webssl.objectives.masking import sample_ibot_masks
 
 SMALL_HEADS = {
@@ -93,7 +93,7 @@ def test_ema_update_accumulates_in_fp32_below_bf16_resolution():
 def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_checkpoint():
     """A teacher stored in bf16 (as DeepSpeed stores it; here ``bf16-true`` on one process) gets fp32 masters: 5 updates
     of 6e-6 each, each invisible in bf16, add up in the master and reach the bf16 teacher once they pass its step."""
-    from lit_webssl.distributed import FP32_MASTERS, assemble_masters
+    from lit_webssl.distributed import FP32_MASTERS, assemble_masters, load_masters, save_masters
 
     backbone, objective = setup()
     objective.teacher.bfloat16()
@@ -104,22 +104,27 @@ def test_ema_of_a_bf16_teacher_accumulates_in_fp32_masters_that_round_trip_a_che
         student.fill_(1.0 + 1e-3)
     for _ in range(5):
         objective.update_teacher(backbone, momentum=0.994)
-    master = objective.fp32_masters().masters["teacher.backbone.blocks.0.attn.qkv.weight"]
+    master = objective.teacher.masters["backbone.blocks.0.attn.qkv.weight"]
     expected = 1.0 + 1e-3 * (1 - 0.994**5)
     torch.testing.assert_close(master, torch.full_like(master, expected), rtol=0, atol=3e-7)  # fp32 ulps at 1.0
     assert teacher.dtype == torch.bfloat16 and torch.equal(teacher, master.bfloat16())
     assert torch.equal(teacher, torch.ones_like(teacher))  # 3e-5 is still below bf16's step at 1.0 (2**-7)
 
-    state = {FP32_MASTERS: objective.fp32_masters().state_dict(prefix="objective.")}
+    state = {FP32_MASTERS: save_masters(objective_module(objective))}
     assert state[FP32_MASTERS]["layout"] == "whole"
     whole = assemble_masters([state[FP32_MASTERS]])
     assert torch.equal(whole["objective.teacher.backbone.blocks.0.attn.qkv.weight"], master)
     _, resumed = setup()
     resumed.teacher.bfloat16()
-    resumed.fp32_masters().load_state_dict(state[FP32_MASTERS], prefix="objective.")
-    assert torch.equal(resumed.fp32_masters().masters["teacher.backbone.blocks.0.attn.qkv.weight"], master)
-    resumed.fp32_masters().load_state_dict({}, prefix="objective.")  # a checkpoint without masters: start afresh
-    assert not resumed.fp32_masters().masters
+    load_masters(objective_module(resumed), state[FP32_MASTERS])
+    assert torch.equal(resumed.teacher.masters["backbone.blocks.0.attn.qkv.weight"], master)
+    load_masters(objective_module(resumed), {})  # a checkpoint without masters: start afresh
+    assert not resumed.teacher.masters
+
+
+def objective_module(objective: DINOv2) -> torch.nn.Module:
+    """The objective under the name it has in LitWebSSL (``objective.``), as checkpoints key its masters."""
+    return torch.nn.ModuleDict({"objective": objective})
 
 
 def test_fp32_masters_of_another_world_stop_with_one_line():
@@ -235,7 +240,7 @@ def test_param_groups_patch_embed_no_decay_layerwise_and_frozen_last_layer():
 def test_per_module_gradient_clipping():
     backbone, objective = setup(clip_grad=1e-3)
     objective(fake_batch(objective), backbone).loss.backward()
-    objective.on_before_optimizer_step(backbone, 0)
+    objective.on_before_optimizer_step(backbone, StepContext())
     for module in objective.student_modules(backbone).values():
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
         assert norm <= 1e-3 * (1 + 1e-4)
