@@ -16,15 +16,16 @@ import torch
 import yaml
 from helpers import CONFIGS, REPO, fast_overrides, run_cli, tiny_demo
 
-from lit_webssl.cli import main
+from lit_webssl.cli import WebSSLCLI, main
 from lit_webssl.errors import ConfigError
-from lit_webssl.objectives import registry
+from lit_webssl.objectives import MAE, registry
 from lit_webssl.objectives.registry import (
     available_objectives,
     format_objectives,
     resolve_objective,
     resolve_objective_args,
 )
+from lit_webssl.training.module import LitWebSSL
 
 EXAMPLE = REPO / "examples" / "custom_objective"
 for _path in (EXAMPLE, REPO / "tests" / "objectives"):  # the example's source and the shared objective contract
@@ -115,9 +116,7 @@ def test_a_plugin_cannot_take_a_built_in_name(monkeypatch):
         assert resolve_objective("mae") == "lit_webssl.objectives.mae.MAE"
 
 
-def test_command_line_and_config_files_are_rewritten(fake_entry_points, tmp_path):
-    out = tmp_path / "rewritten"
-    out.mkdir()
+def test_command_line_and_config_files_are_rewritten_in_memory(fake_entry_points, tmp_path):
     argv = [
         "fit",
         "--model.objective",
@@ -130,7 +129,7 @@ def test_command_line_and_config_files_are_rewritten(fake_entry_points, tmp_path
         "--trainer.max_steps",
         "simclr",
     ]
-    assert resolve_objective_args(argv, out) == [
+    assert resolve_objective_args(argv) == [
         "fit",
         "--model.objective",
         "lit_webssl_simclr.SimCLR",
@@ -156,17 +155,46 @@ def test_command_line_and_config_files_are_rewritten(fake_entry_points, tmp_path
     nested.write_text(yaml.safe_dump({"fit": {"model": {"objective": "simclr"}}}))
     full = tmp_path / "full.yaml"
     full.write_text(yaml.safe_dump({"model": {"objective": {"class_path": "lit_webssl_simclr.SimCLR"}}}))
-    args = resolve_objective_args(["fit", "--config", str(short), "-c", str(full), f"--config={nested}"], out)
+    model = tmp_path / "model.yaml"  # a --model block: the objective at its top
+    model.write_text(yaml.safe_dump({"objective": {"class_path": "simclr"}, "backbone": "vit_tiny"}))
+    before = sorted(tmp_path.iterdir())
+    args = resolve_objective_args(
+        ["fit", "--config", str(short), "-c", str(full), f"--config={nested}", "--model", str(model)]
+    )
     assert args[3:5] == ["-c", str(full)]  # nothing to change: the user's file is passed on
-    first, second = Path(args[2]), Path(args[5].removeprefix("--config="))
-    assert first.parent == second.parent == out
-    assert yaml.safe_load(first.read_text()) == {
+    assert sorted(tmp_path.iterdir()) == before  # nothing written: the resolved content is handed over as text
+    assert json.loads(args[2]) == {
         "model": {"objective": {"class_path": "lit_webssl_simclr.SimCLR", "init_args": {"crop_size": 32}}},
         "trainer": {"max_steps": 3},
     }
-    assert yaml.safe_load(second.read_text()) == {"fit": {"model": {"objective": "lit_webssl_simclr.SimCLR"}}}
+    assert args[5].startswith("--config=")
+    assert json.loads(args[5].removeprefix("--config=")) == {
+        "fit": {"model": {"objective": "lit_webssl_simclr.SimCLR"}}
+    }
+    assert args[6] == "--model"
+    assert json.loads(args[7]) == {"objective": {"class_path": "lit_webssl_simclr.SimCLR"}, "backbone": "vit_tiny"}
     with pytest.raises(ConfigError, match="unknown objective 'nope'"):
-        resolve_objective_args(["fit", "--model.objective", "nope"], out)
+        resolve_objective_args(["fit", "--model.objective", "nope"])
+
+
+def test_short_names_in_a_config_and_a_model_block_reach_the_real_parser(tmp_path):
+    config = yaml.safe_load((CONFIGS / "demo" / "mae_tiny.yaml").read_text())
+    config["model"]["objective"]["class_path"] = "mae"  # the built-in entry point's short name
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(config))
+    cli = WebSSLCLI(LitWebSSL, subclass_mode_data=True, args=["--config", str(short)], run=False, plan=True)
+    assert type(cli.model.objective) is MAE
+    assert cli.config.model.objective.init_args.mask_ratio == config["model"]["objective"]["init_args"]["mask_ratio"]
+    model = tmp_path / "model.yaml"
+    model.write_text(yaml.safe_dump(config["model"]))
+    cli = WebSSLCLI(
+        LitWebSSL,
+        subclass_mode_data=True,
+        args=["--config", str(CONFIGS / "demo" / "mae_tiny.yaml"), "--model", str(model)],
+        run=False,
+        plan=True,
+    )
+    assert type(cli.model.objective) is MAE
 
 
 def test_unknown_short_name_stops_the_cli_with_one_line(capsys):
