@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lit_webssl.models.presets import build_backbone
-from lit_webssl.objectives import MAE
+from lit_webssl.objectives import MAE, StepContext
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mae_tiny.yaml"
 
@@ -39,8 +39,7 @@ def main() -> None:
     times = []
     for step in range(args.steps + 2):
         start = time.perf_counter()
-        objective.current_step = step
-        loss = objective(batch, backbone).loss
+        loss = objective(batch, backbone, StepContext(step=step)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ import yaml
 from torch import Tensor, nn
 
 from lit_webssl.models.presets import build_backbone
-from lit_webssl.objectives import DINOv2
+from lit_webssl.objectives import DINOv2, StepContext
 from lit_webssl.objectives.base import is_no_decay
 from lit_webssl.objectives.masking import sample_ibot_masks
 from lit_webssl.training.optim import cosine_schedule
@@ -115,16 +115,15 @@ class OursStep:
         )
 
     def loss(self, batch: dict[str, Any], step: int) -> Tensor:
-        self.objective.current_step = step
-        return self.objective(batch, self.backbone).loss
+        return self.objective(batch, self.backbone, StepContext(step=step)).loss
 
     def __call__(self, batch: dict[str, Any], step: int) -> Tensor:
         loss = self.loss(batch, step)
         loss.backward()
-        self.objective.on_before_optimizer_step(self.backbone, step)
+        self.objective.on_before_optimizer_step(self.backbone, StepContext(step=step))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.objective.on_after_optimizer_step(self.backbone, step + 1)
+        self.objective.on_after_optimizer_step(self.backbone, StepContext(step=step + 1))
         return loss.detach()
 
 

@@ -41,7 +41,7 @@ def _peak_flops() -> float | None:
 
 def build_ours(device: torch.device):
     from lit_webssl.models.presets import build_backbone
-    from lit_webssl.objectives import MAE
+    from lit_webssl.objectives import MAE, StepContext
     from lit_webssl.objectives.base import normalize_uint8
 
     backbone = build_backbone("webmae_300m", device=device)
@@ -53,10 +53,10 @@ def build_ours(device: torch.device):
     step = [0]
 
     def loss_fn(images: torch.Tensor) -> torch.Tensor:
-        objective.current_step = step[0]
+        context = StepContext(step=step[0])
         step[0] += 1
         views = normalize_uint8(images, objective.pixel_mean, objective.pixel_std)
-        return objective({"views": {"image": views[:, None]}}, backbone).loss
+        return objective({"views": {"image": views[:, None]}}, backbone, context).loss
 
     return loss_fn, opt, [backbone, objective]
 
@@ -208,7 +208,7 @@ def dino_main(args: argparse.Namespace) -> None:
     import yaml
 
     from lit_webssl.models.presets import build_backbone
-    from lit_webssl.objectives import DINOv2
+    from lit_webssl.objectives import DINOv2, StepContext
     from lit_webssl.objectives.base import normalize_uint8
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/webdino/vit_l.yaml").read_text())["model"]
@@ -227,11 +227,13 @@ def dino_main(args: argparse.Namespace) -> None:
         for v in objective.views()
     }
 
+    done = [0]  # optimizer steps taken
+
     def loss_fn(n: int) -> torch.Tensor:
         batch = {
             "views": {k: normalize_uint8(v[:n], objective.pixel_mean, objective.pixel_std) for k, v in views.items()}
         }
-        return objective(batch, backbone).loss
+        return objective(batch, backbone, StepContext(step=done[0])).loss
 
     def steps(count: int) -> float:
         torch.cuda.synchronize()
@@ -240,11 +242,11 @@ def dino_main(args: argparse.Namespace) -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = loss_fn(args.batch_size)
             loss.backward()
-            objective.on_before_optimizer_step(backbone, objective.current_step)
+            objective.on_before_optimizer_step(backbone, StepContext(step=done[0]))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            objective.current_step += 1
-            objective.on_after_optimizer_step(backbone, objective.current_step)
+            done[0] += 1
+            objective.on_after_optimizer_step(backbone, StepContext(step=done[0]))
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / count
 

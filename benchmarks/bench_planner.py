@@ -26,12 +26,12 @@ from typing import Any
 import torch
 import yaml
 
-from lit_webssl.objectives.base import normalize_uint8
+from lit_webssl.distributed.memory import parse_precision, parse_strategy
+from lit_webssl.objectives.base import StepContext, normalize_uint8
 from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
 from lit_webssl.planner.activations import HostPeak, saved_tensor_bytes
 from lit_webssl.planner.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory
-from lit_webssl.planner.states import parse_precision, parse_strategy
 from lit_webssl.training.module import LitWebSSL
 
 CONFIG_7B = Path(__file__).resolve().parents[1] / "configs" / "webdino" / "vit_7b.yaml"
@@ -162,14 +162,13 @@ def dino_7b(depth: int, checkpointing: bool) -> LitWebSSL:
 def gpu_step(model: LitWebSSL, batch: dict[str, Any], optimizer: torch.optim.Optimizer, step: int) -> None:
     """One step in Lightning's order: forward under autocast, zero_grad, backward, clipping, AdamW, EMA."""
     objective, backbone = model.objective, model.backbone
-    objective.current_step = step
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = objective(batch, backbone).loss
+        loss = objective(batch, backbone, StepContext(step=step)).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    objective.on_before_optimizer_step(backbone, step)
+    objective.on_before_optimizer_step(backbone, StepContext(step=step))
     optimizer.step()
-    objective.on_after_optimizer_step(backbone, step + 1)
+    objective.on_after_optimizer_step(backbone, StepContext(step=step + 1))
 
 
 def gpu_main(args: argparse.Namespace) -> None:

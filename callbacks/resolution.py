@@ -76,11 +76,11 @@ class ProgressiveResolution(L.Callback):
     (``batch_size x devices x nodes x accumulate_grad_batches``). Schedules of the optimizer and objective keep
     counting optimizer steps with the global batch of the first stage.
 
-    Works with single device, DDP, FSDP2 (``ModelParallelStrategy``: ``LitWebSSL`` keeps the position tables out of
-    the sharding, whole on every rank) and DeepSpeed ZeRO-3 (the engine is built again around the new tables, every
-    other parameter's fp32 partition and Adam moments kept). DeepSpeed ZeRO-1/2 and FSDP1 refuse several stages: run
-    each stage as its own launch started from the previous stage's weights (``--model.init_from``,
-    ``configs/webdino/vit_7b_{378,518}.yaml``); see ``docs/resolution.md``.
+    What the model and the optimizer undergo at a boundary is the strategy's business (its adapter in
+    :mod:`lit_webssl.distributed`: single device, DDP and both shipped sharded strategies cross boundaries inside one
+    run). Strategies whose flat buffers fix the parameter shapes refuse several stages: run each stage as its own
+    launch started from the previous stage's weights (``--model.init_from``, ``configs/webdino/vit_7b_{378,518}.yaml``);
+    see ``docs/resolution.md``.
 
     Args:
         stages: The stages, in order of ``start``; the first starts at 0.
@@ -165,7 +165,7 @@ class ProgressiveResolution(L.Callback):
         if sharded and len(self.stages) > 1:
             raise ConfigError(
                 f"{FLAG}.stages: {sharded} lays out its buffers for the shapes the model was built with, so the "
-                "position grid cannot change in the middle of a run; use FSDP2 or ZeRO-3 (configs/strategy/), or "
+                "position grid cannot change in the middle of a run; use a strategy block of configs/strategy/, or "
                 "give one stage per launch and start each from the previous one's weights with --model.init_from "
                 "(configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
             )

@@ -22,7 +22,7 @@ from torch import nn
 
 from lit_webssl.errors import ConfigError
 from lit_webssl.models.vit import VisionTransformer
-from lit_webssl.planner.activations import BOTH
+from lit_webssl.planner.activations import BOTH, Dtypes, regime
 
 STRATEGY_FLAG = "--trainer.strategy"
 PRECISION_FLAG = "--trainer.precision"
@@ -479,3 +479,12 @@ def _fsdp_rows(counts: ModelCounts, spec: StrategySpec, precision: PrecisionSpec
         Row(name, gathered * cbytes, held=FWD_BWD),
         Row("FSDP unsharded gradients before reduce-scatter", grads * cbytes, held=FWD_BWD),
     ]
+
+
+def activation_dtypes(spec: StrategySpec, precision: PrecisionSpec, device_type: str = "cuda") -> Dtypes:
+    """The activation regime: autocast over fp32 weights (DDP ``*-mixed``), bf16 throughout (DeepSpeed, ``*-true``)
+    or autocast over bf16-gathered weights (FSDP's mixed-precision gather)."""
+    if not precision.mixed or spec.kind == "deepspeed":  # DeepSpeed casts the model and inputs, no autocast
+        return regime(precision.compute_bytes, autocast=False, params_half=True, device_type=device_type)
+    params_half = spec.kind in ("fsdp", "fsdp2")
+    return regime(precision.compute_bytes, autocast=True, params_half=params_half, device_type=device_type)

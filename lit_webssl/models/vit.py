@@ -165,7 +165,8 @@ class VisionTransformer(nn.Module):
         """DINOv2 init (trunc-normal 0.02, zero bias, CLS ~ N(0, 1e-6)) or the MAE reference's xavier init.
 
         Runs module by module (:func:`lit_webssl.distributed.init_module_tree`), so it also initializes a model built
-        partitioned under ZeRO-3 (each submodule gathered in turn) or sharded by FSDP2 (on its shards).
+        partitioned as it is built (each submodule gathered in turn) or sharded after a meta-device build (on its
+        shards).
 
         Args:
             materialize: The parameters hold garbage (a meta-device build moved to real memory with ``to_empty``):
@@ -231,9 +232,9 @@ class VisionTransformer(nn.Module):
         if grid == self.grid_size:
             return
         old = self.pos_embed
-        if is_sharded(old):  # ZeRO-3 partition / FSDP2 DTensor
+        if is_sharded(old):  # split across ranks: its shape cannot change in place
             raise ConfigError(
-                "cannot change the grid of a sharded position embedding (ZeRO-3 / FSDP2): build the model at the "
+                "cannot change the grid of a sharded position embedding: build the model at the "
                 "stage's --model.backbone_overrides.img_size instead (docs/resolution.md)"
             )
         with torch.no_grad():

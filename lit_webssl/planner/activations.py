@@ -1,6 +1,6 @@
 """What autograd keeps for backward in one training step: a byte count per tensor kind, from the built model.
 
-The planner (:mod:`lit_webssl.planner.plan`) adds these to the states of :mod:`lit_webssl.planner.states`. Counts
+The planner (:mod:`lit_webssl.planner.plan`) adds these to the states of :mod:`lit_webssl.distributed.memory`. Counts
 follow what the
 code saves, op by op, for timm's ``Block`` (pre-norm attention + MLP, optional LayerScale and drop path) and for the
 heads and losses of the built-in objectives; ``tests/lit_webssl/test_plan.py`` checks them against the bytes that
@@ -81,9 +81,9 @@ def regime(half_bytes: int, autocast: bool, params_half: bool, device_type: str 
 
     Args:
         half_bytes: Bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
-        autocast: The step runs under ``torch.autocast`` (Lightning's ``*-mixed`` precisions, except DeepSpeed).
-        params_half: The weights the forward reads are already in the compute dtype (``*-true``, DeepSpeed, FSDP's
-            mixed-precision gather).
+        autocast: The step runs under ``torch.autocast`` (Lightning's ``*-mixed`` precisions, for most strategies).
+        params_half: The weights the forward reads are already in the compute dtype (``*-true``, strategies that
+            store or gather them in it: :func:`lit_webssl.distributed.memory.activation_dtypes`).
         device_type: ``cuda`` or ``cpu``: autocast's LayerNorm policy differs.
     """
     ln_fp32 = device_type != "cpu"

@@ -4,8 +4,8 @@
 model's shape, then one row per component: parameters, gradients and optimizer states (replicated or sharded as the
 configured strategy does it), the EMA teacher, the heads, the activations of the configured crop mix and batch, the
 strategy's buffers and an allowance for the CUDA context and fragmentation; with ``--device-memory``, whether the
-peak fits. The formulas are in ``docs/planner.md``; states come from :mod:`lit_webssl.planner.states`, activations from
-:mod:`lit_webssl.planner.activations`.
+peak fits. The formulas are in ``docs/planner.md``; states come from :mod:`lit_webssl.distributed.memory`,
+activations from :mod:`lit_webssl.planner.activations`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lit_webssl.distributed.memory import (
+    ALWAYS,
+    FWD_BWD,
+    STEP,
+    PrecisionSpec,
+    Row,
+    StrategySpec,
+    activation_dtypes,
+    count_model,
+    parse_precision,
+    parse_strategy,
+    resolve_auto,
+    state_rows,
+)
 from lit_webssl.errors import ConfigError
 from lit_webssl.planner.activations import (
     BACKWARD,
@@ -26,21 +40,7 @@ from lit_webssl.planner.activations import (
     Activation,
     Dtypes,
     objective_activations,
-    regime,
     weight_copies,
-)
-from lit_webssl.planner.states import (
-    ALWAYS,
-    FWD_BWD,
-    STEP,
-    PrecisionSpec,
-    Row,
-    StrategySpec,
-    count_model,
-    parse_precision,
-    parse_strategy,
-    resolve_auto,
-    state_rows,
 )
 from lit_webssl.training.module import LitWebSSL
 
@@ -181,15 +181,6 @@ class MemoryPlan:
     def fits(self, device_memory_gib: float) -> bool:
         """The peak fits in ``device_memory_gib`` GiB."""
         return self.peak_device <= device_memory_gib * GIB
-
-
-def activation_dtypes(spec: StrategySpec, precision: PrecisionSpec, device_type: str = "cuda") -> Dtypes:
-    """The activation regime: autocast over fp32 weights (DDP ``*-mixed``), bf16 throughout (DeepSpeed, ``*-true``)
-    or autocast over bf16-gathered weights (FSDP's mixed-precision gather)."""
-    if not precision.mixed or spec.kind == "deepspeed":  # DeepSpeed casts the model and inputs, no autocast
-        return regime(precision.compute_bytes, autocast=False, params_half=True, device_type=device_type)
-    params_half = spec.kind in ("fsdp", "fsdp2")
-    return regime(precision.compute_bytes, autocast=True, params_half=params_half, device_type=device_type)
 
 
 def estimate_memory(

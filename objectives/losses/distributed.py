@@ -2,7 +2,7 @@
 gradient-preserving feature gather of the CLIP loss.
 
 Every helper is a no-op (or returns the single-process answer) when no default process group is initialized, so the
-losses run unchanged in a single process, under Lightning's DDP/FSDP strategies, or under DeepSpeed.
+losses run unchanged in a single process and under every strategy.
 """
 
 from __future__ import annotations

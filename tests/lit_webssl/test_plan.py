@@ -18,7 +18,7 @@ from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
 from lit_webssl.planner.activations import HostPeak, has_mallinfo2, saved_tensor_bytes
 from lit_webssl.planner.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory, plan_main, trainer_settings
-from lit_webssl.planner.states import parse_precision, parse_strategy
+from lit_webssl.distributed.memory import parse_precision, parse_strategy
 from lit_webssl.training.module import LitWebSSL
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
