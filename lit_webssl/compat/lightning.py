@@ -114,3 +114,9 @@ def setup_deepspeed_engine(strategy: Any, module: torch.nn.Module, optimizer: to
     """``(engine, zero_optimizer)``: DeepSpeed's engine built around ``module`` and ``optimizer`` with the strategy's
     own config, as ``DeepSpeedStrategy.setup`` does it once (missing public API: its ``_setup_model_and_optimizer``)."""
     return strategy._setup_model_and_optimizer(module, optimizer)
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The trainer ``module`` is attached to, or ``None`` (missing public API: ``LightningModule.trainer`` raises
+    when unattached; a module built by ``plan`` or in a script has none)."""
+    return module._trainer

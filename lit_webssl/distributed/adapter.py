@@ -161,11 +161,12 @@ class Sharded(StrategyAdapter):
     def build_at_resumed_grid(self, module: LitWebSSL) -> None:
         """Set the backbone's ``img_size`` to the native size of the grid stored in the checkpoint ``fit`` resumes
         (``module.resume_from``, or the trainer's ``ckpt_path``), read without loading the weights."""
-        path = module.resume_from or getattr(module._trainer, "ckpt_path", None)
+        from lit_webssl.checkpoint import stored_grid
+        from lit_webssl.compat.lightning import attached_trainer, resolve_ckpt_path
+
+        path = module.resume_from or getattr(attached_trainer(module), "ckpt_path", None)
         if not path:
             return
-        from lit_webssl.checkpoint import stored_grid
-        from lit_webssl.compat.lightning import resolve_ckpt_path
 
         path = resolve_ckpt_path(module.trainer, str(path))  # "last" resolved exactly as fit will resolve it
         with self.reading_files():  # nothing partitioned, files read as stored

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from timm.layers import GluMlp, Mlp
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from lit_webssl.compat.torch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from lit_webssl.models.vit import VisionTransformer

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lit_webssl.checkpoint import read_state_dict
+from lit_webssl.compat.lightning import attached_trainer
 from lit_webssl.distributed import (
     FP32_MASTERS,
     StrategyAdapter,
@@ -82,8 +83,8 @@ class LitWebSSL(L.LightningModule):
         self._init_state: dict[str, torch.Tensor] | None = None  # init_from's weights, kept to on_fit_start
         self._optimizer_groups: list[dict[str, Any]] | None = None  # configure_optimizers' groups (rebuild_optimizer)
         self.resume_from: str | None = None
-        """The checkpoint ``fit`` will resume (``--ckpt_path``; the CLI sets it). Under FSDP2 the model is then built
-        at the position grid stored there, since the distributed checkpoint loads into tensors of its own shapes
+        """The checkpoint ``fit`` will resume (``--ckpt_path``; the CLI sets it). Under a sharded strategy the model is
+        then built at the position grid stored there, since a sharded checkpoint loads into tensors of its own shapes
         (a run resumed in a later resolution stage). Lightning's ``trainer.ckpt_path``, when set before ``fit``,
         counts too."""
         self.save_hyperparameters(
@@ -135,7 +136,7 @@ class LitWebSSL(L.LightningModule):
     def adapter(self) -> StrategyAdapter:
         """The adapter of the strategy in use (:func:`lit_webssl.distributed.adapter_for`; replicated when the module
         is not attached to a trainer): everything that differs between strategies is asked of it."""
-        strategy = getattr(self._trainer, "strategy", None)
+        strategy = getattr(attached_trainer(self), "strategy", None)
         cached = self.__dict__.get("_adapter")
         if cached is None or cached.strategy is not strategy:
             cached = self.__dict__["_adapter"] = adapter_for(strategy)
@@ -143,7 +144,7 @@ class LitWebSSL(L.LightningModule):
 
     def step_context(self, step: int | None = None) -> StepContext:
         """What the objective is told about the step it computes (``step``: optimizer steps done; default now)."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         return StepContext(
             step=self.global_step if step is None else step,
             rank=self.global_rank,
@@ -174,8 +175,8 @@ class LitWebSSL(L.LightningModule):
 
     def rebuild_optimizer(self, swaps: dict[int, nn.Parameter]) -> torch.optim.Optimizer:
         """A fresh optimizer (no state) over :meth:`configure_optimizers`' groups, with the parameters whose ``id``
-        is in ``swaps`` replaced: for a strategy that must build its engine again around a resized table (DeepSpeed
-        ZeRO-3, ``callbacks/resolution.py``); the schedule and the groups' settings are kept."""
+        is in ``swaps`` replaced: for a strategy that must build its engine again around a resized table at a
+        resolution stage (:mod:`lit_webssl.distributed`); the schedule and the groups' settings are kept."""
         if self._optimizer_groups is None:
             raise RuntimeError("rebuild_optimizer() needs configure_optimizers() first")
         self._optimizer_groups = [
@@ -211,7 +212,7 @@ class LitWebSSL(L.LightningModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalize uint8 views on the device (the loaders ship uint8 to save host memory and bandwidth), then give
         them the dtype the precision plugin feeds the model: Lightning converts inputs before this hook, while they
-        are still uint8, so a model stored in bf16 (DeepSpeed bf16, ``*-true``) would otherwise get fp32 images."""
+        are still uint8, so a model stored in bf16 (``*-true``, some sharded strategies) would get fp32 images."""
         if "views" in batch:
             batch["views"] = {k: self.model_input(v) for k, v in batch["views"].items()}
         return batch
@@ -220,7 +221,7 @@ class LitWebSSL(L.LightningModule):
         """uint8 images -> what the backbone takes: normalized with the objective's pixel statistics, in the dtype
         the precision plugin feeds the model (bf16 for a model stored in bf16, unchanged under autocast)."""
         images = normalize_uint8(images, self.objective.pixel_mean, self.objective.pixel_std)
-        precision = getattr(self._trainer, "precision_plugin", None)
+        precision = getattr(attached_trainer(self), "precision_plugin", None)
         return precision.convert_input(images) if precision is not None else images
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -281,7 +282,7 @@ class LitWebSSL(L.LightningModule):
     ) -> None:
         """Lightning's clipping (``--trainer.gradient_clip_val``); by norm through the strategy's adapter where
         Lightning's own cannot (gradients that mix shards with replicated position tables)."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         value = gradient_clip_val if gradient_clip_val is not None else getattr(trainer, "gradient_clip_val", None)
         algorithm = gradient_clip_algorithm or getattr(trainer, "gradient_clip_algorithm", None) or "norm"
         if value and algorithm.lower() == "norm" and self.adapter.clip_gradients(optimizer, float(value)):
