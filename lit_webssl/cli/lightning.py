@@ -8,6 +8,7 @@ LightningCLI's ``test`` and ``predict`` are not offered (LitWebSSL has no test o
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -113,18 +114,24 @@ class WebSSLCLI(LightningCLI):
         """Give the datamodule the crops the objective declares (``objective.views()``) and, when the objective
         reads captions (``needs_text``), its caption transform: through the datamodule's ``set_views`` and
         ``set_text_transform``, where it has them (a user's own LightningDataModule may not), and only where it has
-        none set already."""
+        none set already. ``set_text_transform`` is told which objective needs the captions (``required_by``) when
+        it takes that, so ``setup`` can name ``--data.caption_key`` if no caption column is set; the transform is
+        not built then."""
         objective, data = getattr(self.model, "objective", None), self.datamodule
         if objective is None or data is None:
             return
         if callable(getattr(data, "set_views", None)) and getattr(data, "views", None) is None:
             data.set_views(list(objective.views()))
-        if (
-            getattr(objective, "needs_text", False)
-            and callable(getattr(data, "set_text_transform", None))
-            and getattr(data, "text_transform", None) is None
-        ):
-            data.set_text_transform(objective.text_transform())
+        set_text_transform = getattr(data, "set_text_transform", None)
+        if not (getattr(objective, "needs_text", False) and callable(set_text_transform)):
+            return
+        transform = getattr(data, "text_transform", None)
+        if transform is None and getattr(data, "caption_key", "") is not None:
+            transform = objective.text_transform()
+        if "required_by" in inspect.signature(set_text_transform).parameters:
+            set_text_transform(transform, required_by=type(objective).__name__)
+        elif transform is not getattr(data, "text_transform", None):
+            set_text_transform(transform)
 
     def instantiate_trainer(self, **kwargs: Any):
         if self._plan:  # planning needs the model and data settings only

@@ -259,6 +259,7 @@ def test_the_datamodule_gets_the_objectives_views_and_caption_transform():
     cli.hand_over_views()
     assert cli.datamodule.views == list(cli.model.objective.views())
     assert cli.datamodule.text_transform is not None  # CLIP reads captions
+    assert getattr(cli.datamodule, "captions_required_by", "CLIP") == "CLIP"
     mine = SimpleNamespace()  # a user's own datamodule without set_views: left alone
     cli.datamodule = mine
     cli.hand_over_views()
