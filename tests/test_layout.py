@@ -122,3 +122,14 @@ def test_private_apis_of_dependencies_only_in_compat():
         if not path.relative_to(REPO).as_posix().startswith("lit_webssl/compat/") and (uses := private_uses(path))
     }
     assert not hits, f"private APIs outside lit_webssl/compat/: {hits}"
+
+
+def test_objectives_import_only_the_ema_teacher_from_distributed():
+    for name, path in FILES.items():
+        if not name.startswith("lit_webssl.objectives"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lit_webssl.distributed"):
+                assert (node.module, [a.name for a in node.names]) == ("lit_webssl.distributed", ["EMATeacher"]), name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("lit_webssl.distributed") for a in node.names), name
