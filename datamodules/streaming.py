@@ -173,23 +173,6 @@ class WebSSLDataModule(L.LightningDataModule):
         self.text_transform = transform
         self.captions_required_by = required_by
 
-    def _take_from_trainer(self) -> None:
-        """Views, text transform and the need for captions read from the attached module's ``objective`` when
-        nobody handed them over."""
-        # TODO(remove once the CLI hands views over)
-        trainer = self.trainer
-        objective = getattr(getattr(trainer, "lightning_module", None), "objective", None) if trainer else None
-        if objective is None:
-            return
-        if self.views is None:
-            self.set_views(objective.views())
-        if getattr(objective, "needs_text", False) and self.captions_required_by is None:
-            make_transform = getattr(objective, "text_transform", None)
-            transform = self.text_transform
-            if transform is None and self.caption_key is not None and callable(make_transform):
-                transform = make_transform()
-            self.set_text_transform(transform, required_by=type(objective).__name__)
-
     # -- world and remotes ----------------------------------------------------------------------------------------
     def _export_world(self) -> None:
         """Give Streaming the trainer's world: it partitions by ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
@@ -250,7 +233,6 @@ class WebSSLDataModule(L.LightningDataModule):
         )
         for split, flag in splits:
             self._check_split(split, flag)
-        self._take_from_trainer()
         if self.captions_required_by is not None and self.caption_key is None:
             where = ", ".join(s.local for s in self.streams)
             raise DataConfigError(

@@ -46,11 +46,11 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
 
 
 def __getattr__(name: str) -> Any:
-    """``WebSSLCLI``, ``RUNS_DIR`` and ``_cli`` (the CLI builder) from their modules, imported on first use."""
-    if name in ("WebSSLCLI", "_cli"):
-        from lit_webssl.cli import lightning
+    """``WebSSLCLI`` and ``RUNS_DIR`` from their modules, imported on first use."""
+    if name == "WebSSLCLI":
+        from lit_webssl.cli.lightning import WebSSLCLI
 
-        return lightning.WebSSLCLI if name == "WebSSLCLI" else lightning.build_cli
+        return WebSSLCLI
     if name == "RUNS_DIR":
         from lit_webssl.cli.rundirs import RUNS_DIR
 

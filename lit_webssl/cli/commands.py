@@ -53,7 +53,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         "build the model on the meta device, print a per-device memory plan",
     ),
     "data": (data_main, f"dataset tools: {', '.join(DATA_COMMANDS)} (MDS shards)"),
-    "checkpoint": ("lit_webssl.checkpoint:main", "convert: one fp32 file of a sharded ZeRO-3 or FSDP2 checkpoint"),
+    "checkpoint": ("lit_webssl.checkpoint:main", "convert: one fp32 file of a sharded checkpoint folder"),
     "objectives": (
         "lit_webssl.objectives.registry:objectives_main",
         "list the objectives --model.objective takes by short name (built-in and plugins)",

@@ -91,7 +91,7 @@ class WebSSLCLI(LightningCLI):
     def before_fit(self) -> None:
         """Refuse to train a config that continues earlier weights (``model.init_required``: the 378 and 518 px
         stages) from a random init; resuming its own checkpoint (``--ckpt_path``) is fine. Tell the model which
-        checkpoint it resumes (``LitWebSSL.resume_from``: FSDP2 builds it at the stored position grid)."""
+        checkpoint it resumes (``LitWebSSL.resume_from``: a sharded run is built at the stored position grid)."""
         model = self.model
         if hasattr(model, "resume_from"):
             model.resume_from = self.config["fit"].get("ckpt_path")

@@ -94,7 +94,7 @@ def test_unknown_data_command_is_one_line(capsys):
 
 def test_lightning_offers_fit_and_validate_only(capsys):
     assert set(WebSSLCLI.subcommands()) == {"fit", "validate"}
-    from lit_webssl.cli import _cli
+    from lit_webssl.cli.lightning import build_cli as _cli
 
     with pytest.raises(SystemExit):
         _cli(["--help"])

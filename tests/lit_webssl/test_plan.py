@@ -13,12 +13,12 @@ import torch
 from rich.console import Console
 
 from lit_webssl.cli import WebSSLCLI
+from lit_webssl.distributed.memory import parse_precision, parse_strategy
 from lit_webssl.errors import ConfigError
 from lit_webssl.objectives.dino import DINOv2
 from lit_webssl.objectives.mae import MAE
 from lit_webssl.planner.activations import HostPeak, has_mallinfo2, saved_tensor_bytes
 from lit_webssl.planner.plan import GIB, MemoryPlan, TrainerSettings, estimate_memory, plan_main, trainer_settings
-from lit_webssl.distributed.memory import parse_precision, parse_strategy
 from lit_webssl.training.module import LitWebSSL
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -139,7 +139,7 @@ def reference(tmp_path_factory):
 
 
 def _save_init_weights(tmp: Path, data: Path, out: Path) -> None:
-    from lit_webssl.cli import _cli
+    from lit_webssl.cli.lightning import build_cli as _cli
 
     cli = _cli(
         [

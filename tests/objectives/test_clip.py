@@ -284,7 +284,7 @@ def test_clip_on_data_without_captions_stops_with_one_line(tmp_path):
     message = f"--data.caption_key: split 'train' has no column 'caption' in its MDS index {data}/train/index.json"
     assert message in proc.stderr
     datamodule = WebSSLDataModule(str(data), caption_key=None, num_workers=0)
-    datamodule.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=small_clip()))
+    datamodule.set_text_transform(small_clip().text_transform(), required_by="CLIP")  # what the CLI hands over
     with pytest.raises(
         DataConfigError, match=f"--data.caption_key: CLIP needs captions; name the caption column of the data at {data}"
     ):
