@@ -3,7 +3,6 @@ one clear line."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, REPO, fast_overrides, load_weights, run_cli, tiny_demo
+from helpers import CONFIGS, fast_overrides, load_weights, run_cli, tiny_demo
 
 from lit_webssl.cli import WebSSLCLI, main
 from lit_webssl.cli.commands import COMMANDS, DATA_COMMANDS
@@ -100,72 +99,6 @@ def test_lightning_offers_fit_and_validate_only(capsys):
         _cli(["--help"])
     out = capsys.readouterr().out
     assert "{fit,validate}" in out and "predict" not in out
-
-
-def _module_imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """The lit_webssl modules a module imports at module level (not in functions, not under TYPE_CHECKING)."""
-    found: set[str] = set()
-
-    def visit(stmts: list[ast.stmt]) -> None:
-        for stmt in stmts:
-            if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
-                continue
-            if isinstance(stmt, (ast.If, ast.Try)):
-                visit(stmt.body + stmt.orelse + getattr(stmt, "finalbody", []))
-                for handler in getattr(stmt, "handlers", []):
-                    visit(handler.body)
-            elif isinstance(stmt, ast.Import):
-                found.update(alias.name for alias in stmt.names)
-            elif isinstance(stmt, ast.ImportFrom):
-                base = stmt.module or ""
-                if stmt.level:
-                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-                    package = ".".join(package.split(".")[: len(package.split(".")) - stmt.level + 1])
-                    base = f"{package}.{base}" if base else package
-                submodules = {f"{base}.{alias.name}" for alias in stmt.names} & known
-                found.update(submodules)
-                if len(submodules) < len(stmt.names):  # other names come from the module itself
-                    found.add(base)
-
-    visit(ast.parse(path.read_text()).body)
-    return (found & known) - {name}
-
-
-def test_no_module_level_import_cycle_in_lit_webssl():
-    roots = {
-        "lit_webssl": REPO / "lit_webssl",
-        "lit_webssl.objectives": REPO / "objectives",
-        "lit_webssl.datamodules": REPO / "datamodules",
-        "lit_webssl.callbacks": REPO / "callbacks",
-    }  # pyproject's package-dir
-    modules = {}
-    for package, root in roots.items():
-        for path in root.rglob("*.py"):
-            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
-            modules[".".join([package, *parts])] = path
-    graph = {name: _module_imports(path, name, set(modules)) for name, path in modules.items()}
-    assert {"lit_webssl.cli", "lit_webssl.cli.compare"} <= set(graph)
-    assert "lit_webssl.cli" not in graph["lit_webssl.cli.compare"]
-    assert "lit_webssl.cli.compare" not in graph["lit_webssl.cli"]
-    state: dict[str, int] = {}
-    stack: list[str] = []
-    cycles = []
-
-    def walk(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for other in sorted(graph[name]):
-            if state.get(other) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(other) :], other]))
-            elif other not in state:
-                walk(other)
-        stack.pop()
-        state[name] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            walk(name)
-    assert cycles == []
 
 
 # -- LightningCLI over the project ----------------------------------------------------------------------------------
