@@ -24,9 +24,9 @@ DEMOS = {"dino": "dino_tiny.yaml", "mae": "mae_tiny.yaml", "clip": "clip_tiny.ya
 STEPS = 4
 
 
-def record_losses(objective: str, root: Path) -> dict[str, list[float]]:
+def record_losses(objective: str, root: Path, extra: list[str] | None = None) -> dict[str, list[float]]:
     """Fit the demo config of ``objective`` for :data:`STEPS` steps in this process and read back every logged loss
-    (``train/loss`` per step, ``val/loss`` at the one validation) from the CSV log."""
+    (``train/loss`` per step, ``val/loss`` at the one validation) from the CSV log; ``extra``: more flags."""
     from lit_webssl.cli import main
 
     data = tiny_demo(root)
@@ -41,6 +41,7 @@ def record_losses(objective: str, root: Path) -> dict[str, list[float]]:
             "1",
             "--trainer.default_root_dir",
             str(root),
+            *(extra or []),
         ]
     )
     (metrics,) = Path("runs").glob("test/version_*/metrics.csv")
