@@ -68,6 +68,7 @@ def test_missing_remote_prefix_is_an_error_naming_the_object(tmp_path, s3_bucket
         next(iter(dm.train_dataloader()))
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 def test_fit_on_s3_data_keeps_the_secret_out_of_configs_and_logs(tmp_path, s3_bucket, capfd):
     data = tiny_demo(tmp_path, n_train=32, n_val=16)
     remote = s3_bucket.upload_dir(data, "tiny")

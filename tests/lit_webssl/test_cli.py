@@ -199,6 +199,7 @@ def test_the_datamodule_gets_the_objectives_views_and_caption_transform():
     assert vars(mine) == {}
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 @pytest.mark.parametrize("config", DEMO_CONFIGS, ids=lambda p: p.name)
 def test_demo_config_fits_three_steps_and_reports_knn(config, tmp_path, monkeypatch, recwarn, capsys):
     data = tiny_demo(tmp_path)
@@ -226,6 +227,7 @@ def _config_with_checkpoint_every(steps: int, path: Path, source: str = "mae_tin
     return str(path)
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 @pytest.mark.parametrize("source", ["mae_tiny.yaml", "dino_tiny.yaml"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(source, tmp_path):
     data = tiny_demo(tmp_path)
@@ -297,6 +299,7 @@ def test_a_high_resolution_stage_without_its_start_weights_stops_instead_of_star
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 def test_validate_a_checkpoint_and_print_config(tmp_path, capsys, recwarn):
     data = tiny_demo(tmp_path)
     config = str(CONFIGS / "demo" / "mae_tiny.yaml")

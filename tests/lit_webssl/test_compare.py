@@ -36,6 +36,7 @@ def _overrides(data: Path, steps: int) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 def test_compare_trains_each_objective_and_keeps_going_past_a_failure(tmp_path, monkeypatch, capsys):
     data = tiny_demo(tmp_path)
     broken = tmp_path / "broken.yaml"  # a block whose fit stops on bad input: its row says so, the others are kept

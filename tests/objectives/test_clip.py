@@ -291,6 +291,7 @@ def test_clip_on_data_without_captions_stops_with_one_line(tmp_path):
         datamodule.setup("fit")
 
 
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     data = tiny_demo(tmp_path)
     config = yaml.safe_load((CONFIGS / "demo" / "clip_tiny.yaml").read_text())
