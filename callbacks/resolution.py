@@ -161,14 +161,9 @@ class ProgressiveResolution(L.Callback):
         objective = getattr(pl_module, "objective", None)
         if objective is None or not callable(getattr(objective, "set_resolution", None)):
             raise ConfigError(f"{FLAG} needs a LitWebSSL module whose objective has set_resolution()")
-        sharded = adapter_for(trainer.strategy).stages_refused()
-        if sharded and len(self.stages) > 1:
-            raise ConfigError(
-                f"{FLAG}.stages: {sharded} lays out its buffers for the shapes the model was built with, so the "
-                "position grid cannot change in the middle of a run; use a strategy block of configs/strategy/, or "
-                "give one stage per launch and start each from the previous one's weights with --model.init_from "
-                "(configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
-            )
+        refused = adapter_for(trainer.strategy).stages_refused()
+        if refused and len(self.stages) > 1:
+            raise ConfigError(f"{FLAG}.stages: {refused}")
         self._patch = _patch_size(pl_module)
         for i, st in enumerate(self.stages):
             for name in ("global_crop_size", "local_crop_size"):

@@ -93,7 +93,8 @@ class StrategyAdapter:
 
     # -- resolution stages -------------------------------------------------------------------------------------------
     def stages_refused(self) -> str | None:
-        """Why the position grid cannot change in the middle of a run under this strategy, or ``None``."""
+        """Why the position grid cannot change in the middle of a run under this strategy (one line, with what to
+        do instead), or ``None``."""
         return None
 
     def resample_grids(self, trainer: Any, module: nn.Module, vits: dict[str, VisionTransformer], grid: int) -> None:
@@ -147,7 +148,12 @@ class FixedShapes(StrategyAdapter):
     the host with DeepSpeed's CPU Adam."""
 
     def stages_refused(self) -> str | None:
-        return type(self.strategy).__name__
+        return (
+            f"{type(self.strategy).__name__} lays out its buffers for the shapes the model was built with, so the "
+            "position grid cannot change in the middle of a run; use FSDP2 or ZeRO-3 (configs/strategy/), or give "
+            "one stage per launch and start each from the previous one's weights with --model.init_from "
+            "(configs/webdino/vit_7b_378.yaml, docs/resolution.md)"
+        )
 
 
 class Sharded(StrategyAdapter):

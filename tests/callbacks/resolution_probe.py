@@ -210,7 +210,7 @@ def mixed_clip_worker(rank: int, port: int, root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    from lit_webssl.distributed import (
+    from lit_webssl.distributed.fsdp2 import (
         apply_fsdp2,
         average_replicated_grads,
         broadcast_replicated,
