@@ -307,6 +307,7 @@ def test_resample_swaps_the_optimizer_parameter_and_drops_only_its_moments():
 
 
 # -- a fit across the boundary ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # whole fits in this process: the full suite, not the fast tier
 def test_fit_across_a_boundary_and_resume_on_either_side_is_exact(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     data = tiny_demo(tmp_path, n_train=16, n_val=8)

@@ -301,6 +301,7 @@ def test_interrupt_between_chunks_is_resumable(tmp_path, monkeypatch, capsys):
     assert _convert(*args, "--resume").samples == 6
 
 
+@pytest.mark.spawns  # the tool starts its own worker processes (--workers 2)
 def test_parallel_workers_give_the_same_dataset_as_one(tmp_path):
     _folder(tmp_path / "in")
     args = ["--from", "folder", "--in", str(tmp_path / "in"), "--chunk-size", "2"]
@@ -341,6 +342,7 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, capsys, args, 
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and flag in err, err
 
 
+@pytest.mark.spawns  # the tool starts its own worker processes (--workers 2)
 def test_convert_folder_straight_to_s3_and_resume_there(tmp_path, s3_bucket):
     good = _folder(tmp_path / "in")
     url = s3_bucket.url("converted", "train")

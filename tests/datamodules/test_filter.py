@@ -144,6 +144,7 @@ def test_ocr_scorer_reads_words_and_counts_confident_ones():
 
 
 # ---------------------------------------------------------------------------------------------------- MDS output
+@pytest.mark.spawns  # the tool starts its own worker processes (--workers 2)
 def test_filter_split_layout_keeps_exactly_the_passing_samples(text_root: Path, tmp_path: Path):
     out = tmp_path / "light"
     summary = filter_dataset(text_root, out, "light", "classical", threshold=5, workers=2)
