@@ -80,7 +80,7 @@ def test_swiglu_matches_dinov2_rule():
     assert torch.allclose(vit.blocks[0].ls1.gamma, torch.full((32,), 1e-5))
 
 
-# RECIPE section 1: parameter counts of the Web-SSL family (billions).
+# docs/recipe.md section 1: parameter counts of the Web-SSL family (billions).
 EXPECTED = {
     "webdino_300m": 0.304,
     "webdino_1b": 1.135,

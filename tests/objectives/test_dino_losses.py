@@ -1,6 +1,6 @@
 """DINOv2 losses (DINO CLS, iBOT patch, KoLeo) against hand-derived cases, SK/centering properties and a 2-rank run.
 
-Reference: facebookresearch/dinov2 ``dinov2/loss/*.py``; spec: RECIPE.md section 3. Shapes: B rows, K prototypes,
+Reference: facebookresearch/dinov2 ``dinov2/loss/*.py``; spec: docs/recipe.md section 3. Shapes: B rows, K prototypes,
 M masked tokens, n_images images with N patches each.
 """
 
